@@ -1,0 +1,107 @@
+"""Frozen weights stay bit-identical in every precision; bitsandbytes 4/8-bit paths train on CPU."""
+
+import hashlib
+
+import pytest
+import torch
+
+from helpers import rt_examples, rt_task
+from zoact_edge import targets as tgt
+from zoact_edge.basis import BasisConfig, compute_bases
+from zoact_edge.models import load_model
+from zoact_edge.tasks import hidden_states
+from zoact_edge.train import inject_adapters
+from zoact_edge.zo import zo_step
+
+
+def _fingerprint(model) -> dict:
+    """Hash of every frozen tensor as it sits in memory, bitsandbytes quantization state included.
+
+    Read the tensors directly: ``state_dict()`` is not a neutral view for bnb 4-bit on CPU (it
+    undoes the kernel's weight repacking, see ``_warm_up``).
+    """
+    def h(t):
+        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(".B") or name.endswith(".P"):  # the adapter's own tensors
+            continue
+        key = name.replace(".base.", ".")
+        out[key] = h(t)
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            out[key + ".absmax"] = h(qs.absmax)
+            out[key + ".code"] = h(qs.code)
+    return out
+
+
+def _warm_up(loaded):
+    """One inference forward. On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for its CPU
+    kernel at the first inference call (a layout change, absmax stored as bf16); that is the
+    library's inference path, not tuning, so weights are compared from this point on."""
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([[5, 6, 7]], device=loaded.device))
+
+
+def _train(loaded, steps, lr, seed=0):
+    model = loaded.model
+    task = rt_task(loaded.tokenizer)
+    found = tgt.find_targets(model)
+    dev = loaded.device
+    calib = [task.collate(rt_examples(16, offset=100)).to(dev)]
+
+    def fwd(b):
+        with torch.inference_mode():
+            hidden_states(model, b)
+
+    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
+                          calib, fwd, BasisConfig(rank=4))
+    layers = list(inject_adapters(model, found, bases, None, torch.float32, dev).values())
+    batch = task.collate(rt_examples(8)).to(dev)  # a toy task: fit eight fixed labels
+
+    def loss():
+        with torch.inference_mode():
+            return float(task.loss(model, batch))
+
+    opt = torch.optim.Adam([l.B for l in layers], lr=lr)
+    first = loss()
+    for step in range(steps):
+        zo_step(layers, loss, opt, step_seed=seed * 1000 + step, eps=1e-2, queries=2)
+    return first, loss(), layers
+
+
+@pytest.mark.parametrize("bits", [4, 8, 32])
+def test_frozen_weights_are_untouched_and_loss_goes_down(model_dirs, bits):
+    loaded = load_model(str(model_dirs["llama"]), bits=bits, device="cpu")
+    if bits == 4:
+        assert any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
+    if bits == 8:
+        assert any(type(m).__name__ == "Linear8bitLt" for m in loaded.model.modules())
+    _warm_up(loaded)
+    before = _fingerprint(loaded.model)
+    first, last, layers = _train(loaded, steps=60, lr=2e-2)
+    assert _fingerprint(loaded.model) == before
+    assert last < 0.6 * first, f"{bits}-bit: loss {first:.4f} -> {last:.4f}"
+    assert any(float(l.B.abs().max()) > 0 for l in layers)
+
+
+def test_quantized_model_is_cached_and_reloaded(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOACT_CACHE", str(tmp_path))
+    load_model(str(model_dirs["gpt2"]), bits=4, device="cpu")
+    cached = list((tmp_path / "quantized").iterdir())
+    assert len(cached) == 1 and (cached[0] / "config.json").is_file()
+    again = load_model(str(model_dirs["gpt2"]), bits=4, device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in again.model.modules())
+    assert len(list((tmp_path / "quantized").iterdir())) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 16])
+def test_cuda_paths_train_and_keep_weights(model_dirs, bits):
+    loaded = load_model(str(model_dirs["llama"]), bits=bits, device="cuda")
+    _warm_up(loaded)
+    before = _fingerprint(loaded.model)
+    first, last, _ = _train(loaded, steps=60, lr=2e-2)
+    assert last < first
+    assert _fingerprint(loaded.model) == before

@@ -1,0 +1,164 @@
+"""Saving and loading adapters: PEFT LoRA format for users, and full checkpoints for resume.
+
+ZO-Act's update ``delta W = B P^T`` is exactly a LoRA pair with lora_A = P^T (r x d_in),
+lora_B = B (d_out x r) and scaling 1 (lora_alpha = r). Writing it in PEFT's own format means
+``PeftModel.from_pretrained(base, dir)`` loads it, ``merge_and_unload`` merges it, and any tool
+that reads LoRA adapters can serve it.
+
+Checkpoints keep what resume needs and nothing derivable: the bases (each shared basis once),
+the coefficients, the optimizer state (tensors in safetensors, the rest as JSON: never a pickle)
+and the step. Every write is atomic (see ``paths``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .layer import ZOActLinear
+from .paths import atomic_dir, atomic_save_file, atomic_write
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+CHECKPOINT = "checkpoint"
+
+
+# --------------------------------------------------------------------------- PEFT LoRA
+
+
+def peft_config(layers: dict[str, ZOActLinear], base_model: str, fan_in_fan_out: bool) -> dict:
+    rank = next(iter(layers.values())).B.shape[1]
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,  # scaling = alpha / r = 1: the adapter adds exactly B P^T
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": sorted(layers),  # full module names: no accidental extra matches
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_peft(out_dir: Path, layers: dict[str, ZOActLinear], base_model: str) -> None:
+    fan_in_fan_out = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.P.T.float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B.detach().float().contiguous().cpu()
+    atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out_dir / PEFT_WEIGHTS)
+    with atomic_write(out_dir / PEFT_CONFIG) as f:
+        json.dump(peft_config(layers, base_model, fan_in_fan_out), f, indent=2)
+
+
+def load_peft(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Return (adapter_config, {module name: (P, B)}) from a PEFT LoRA folder."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / PEFT_CONFIG, adapter_dir / PEFT_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise UserError(f"{adapter_dir} is not an adapter folder (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        tensors = load_file(str(w_path))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt adapter in {adapter_dir}: {type(e).__name__}: {str(e)[:200]}") from None
+    scaling = cfg.get("lora_alpha", 0) / max(cfg.get("r", 1), 1)
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora"):
+        raise UserError(f"{adapter_dir}: only plain LoRA adapters are supported")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    prefix = "base_model.model."
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(prefix): -len(".lora_A.weight")]
+        B = tensors.get(f"{prefix}{name}.lora_B.weight")
+        if B is None or A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(f"corrupt adapter in {adapter_dir}: bad or missing lora_B for {name}")
+        pairs[name] = (A.T.contiguous(), (B * scaling).contiguous())
+    if not pairs:
+        raise UserError(f"corrupt adapter in {adapter_dir}: no LoRA tensors")
+    return cfg, pairs
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        meta = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta[k] = "tensor"
+            else:
+                meta[k] = v
+        state_meta[str(pid)] = meta
+    return tensors, {"state": state_meta, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, entries in meta["state"].items():
+        state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "tensor" else v for k, v in entries.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, layers: dict[str, ZOActLinear], optimizer, state: dict) -> None:
+    """Write ``run_dir/checkpoint`` atomically: bases, coefficients, optimizer, JSON state."""
+    bases: dict[str, torch.Tensor] = {}
+    basis_of: dict[str, str] = {}
+    by_ptr: dict[int, str] = {}
+    coeffs = {}
+    for name, layer in layers.items():
+        key = by_ptr.setdefault(layer.P.data_ptr(), name)  # shared bases are stored once
+        basis_of[name] = key
+        bases[key] = layer.P.detach().cpu().contiguous()
+        coeffs[name] = layer.B.detach().cpu().contiguous()
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    with atomic_dir(run_dir / CHECKPOINT) as tmp:
+        save_file(bases, str(tmp / "bases.safetensors"))
+        save_file(coeffs, str(tmp / "coefficients.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "basis_of": basis_of, "optimizer": opt_meta}, indent=1)
+        )
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    run_dir = Path(run_dir)
+    for cand in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):  # .old: killed mid-swap
+        if (cand / "state.json").is_file():
+            return cand
+    return None
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Return (state, {name: P}, {name: B}, optimizer state_dict). Shared bases stay shared."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"no checkpoint to resume in {run_dir}")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        bases = load_file(str(ckpt / "bases.safetensors"))
+        coeffs = load_file(str(ckpt / "coefficients.safetensors"))
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt checkpoint in {ckpt}: {type(e).__name__}: {str(e)[:200]}") from None
+    P = {name: bases[key] for name, key in state.pop("basis_of").items()}
+    opt = _optimizer_from_files(opt_tensors, state.pop("optimizer"))
+    return state, P, coeffs, opt

@@ -1,0 +1,161 @@
+"""``zoact-edge`` command line: ``tune`` and ``eval``.
+
+Options are generated from :class:`~zoact_edge.config.TuneConfig`, so ``--help``, config files
+and the saved run config never drift apart. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import TuneConfig, build_config, read_config_file
+from .errors import UserError
+
+EVAL_FIELDS = ("model", "bits", "quant_type", "device", "trust_remote_code", "task", "data", "text_field",
+               "label_field", "labels", "template", "max_length", "eval_samples", "eval_batch_size")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, only=None) -> None:
+    for f in dataclasses.fields(TuneConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        default_note = f" (default: {f.default})" if f.default is not None else ""
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext + default_note)
+        else:
+            typ = type(f.default) if f.default is not None else str
+            parser.add_argument(flag, type=typ, metavar=f.name.upper(), choices=f.metadata.get("choices"),
+                                help=helptext + default_note)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zoact-edge",
+        description="Forward-only (zeroth-order) fine-tuning in one-shot activation subspaces (ZO-Act).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tune = sub.add_parser(
+        "tune", argument_default=argparse.SUPPRESS,
+        help="tune a model with ZO-Act (runs with no arguments on the embedded model and data)",
+        description="Tune LoRA-shaped adapters with forward passes only. With no arguments: SmolLM2-135M-Instruct "
+                    "on Rotten Tomatoes sentence polarity, on CPU. Writes a PEFT LoRA adapter, metrics.jsonl, "
+                    "summary.json and a resumable checkpoint to --output.",
+    )
+    tune.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of options; CLI options override it")
+    tune.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    _add_config_options(tune)
+
+    ev = sub.add_parser(
+        "eval", argument_default=argparse.SUPPRESS,
+        help="evaluate the base model, or base + adapter, on a task split",
+        description="Accuracy (classification) or loss/perplexity (lm, completion). With --adapter, the model, "
+                    "bits and task default to the ones the adapter was tuned with.",
+    )
+    ev.add_argument("--adapter", metavar="DIR", help="adapter folder written by tune (PEFT LoRA format)")
+    ev.add_argument("--split", choices=["train", "validation", "test"], help="split to evaluate (default: validation)")
+    ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
+    _add_config_options(ev, only=EVAL_FIELDS)
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_tune(args: dict) -> int:
+    from .train import describe, tune
+
+    resume = args.pop("resume", None)
+    file_values = read_config_file(args.pop("config")) if "config" in args else {}
+    if resume:
+        run_cfg = Path(resume) / "run_config.json"
+        if not run_cfg.is_file():
+            raise UserError(f"--resume {resume}: not a run folder (no run_config.json)")
+        saved = json.loads(run_cfg.read_text())
+        saved.pop("model_folder", None)
+        file_values = {**saved, **file_values}
+    cfg = build_config(TuneConfig, file_values, args)
+    summary = tune(cfg, resume=resume)
+    print(describe(summary))
+    return 0
+
+
+def cmd_eval(args: dict) -> int:
+    import torch
+
+    from . import adapter_io, targets as tgt
+    from .evaluate import evaluate
+    from .models import load_model
+    from .tasks import build_task
+    from .train import inject_adapters
+
+    adapter = args.pop("adapter", None)
+    split = args.pop("split", "validation")
+    json_out = args.pop("json", None)
+    base_values = {}
+    if adapter:
+        run_cfg = Path(adapter) / "run_config.json"
+        if run_cfg.is_file():
+            saved = json.loads(run_cfg.read_text())
+            base_values = {k: saved[k] for k in EVAL_FIELDS if k in saved}
+        pcfg, pairs = adapter_io.load_peft(Path(adapter))
+        if "model" not in base_values and "model" not in args:
+            base_values["model"] = pcfg.get("base_model_name_or_path")
+    cfg = build_config(TuneConfig, base_values, args)
+    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
+    task, splits = build_task(cfg, loaded.tokenizer)
+    if adapter:
+        names = {n for n, _ in loaded.model.named_modules()}
+        missing = sorted(set(pairs) - names)
+        if missing:
+            raise UserError(f"adapter {adapter} does not fit this model: no module {missing[0]}")
+        found = [tgt.Target(n, -1, P.shape[0], B.shape[0]) for n, (P, B) in pairs.items()]
+        for t in found:
+            d_in, d_out = tgt.dims(loaded.model.get_submodule(t.name))
+            if (d_in, d_out) != (t.d_in, t.d_out):
+                raise UserError(f"adapter {adapter} does not fit this model: {t.name} is {d_in}->{d_out}")
+        dtype = torch.float32 if loaded.device.type == "cpu" else torch.float16
+        inject_adapters(loaded.model, found, {n: P for n, (P, _) in pairs.items()},
+                        {n: B for n, (_, B) in pairs.items()}, dtype, loaded.device)
+    examples = splits.get(split)[: cfg.eval_samples or None]
+    metrics = evaluate(loaded.model, task, examples, cfg.eval_batch_size, loaded.device, desc=f"eval {split}")
+    result = {"split": split, "adapter": adapter, "model": cfg.model or "default", "bits": cfg.bits, **metrics}
+    print(json.dumps(result, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    args = {k: v for k, v in vars(ns).items() if k != "command"}
+    try:
+        _setup_logging()
+        if ns.command == "tune":
+            return cmd_tune(args)
+        return cmd_eval(args)
+    except UserError as e:
+        print(f"zoact-edge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoact-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

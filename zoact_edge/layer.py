@@ -1,0 +1,59 @@
+"""The ZO-Act layer: a frozen linear plus a low-rank path ``B (P^T x)``.
+
+``P`` (d_in x r) is the one-shot activation basis and never changes; ``B`` (d_out x r) is the only
+trained tensor and starts at zero, so a freshly wrapped model computes exactly what the base
+model computes. The base layer (nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit/Linear8bitLt)
+is called as-is and never modified: quantized weights stay bit-identical.
+
+ZO perturbations never write into ``B`` either. A layer can be told "add ``scale * Z``", where
+``Z`` is drawn from a seed inside the forward, used, and dropped. That makes restore exact by
+construction (there is nothing to undo), keeps no noise tensor alive between forwards, and lets
+the optimizer regenerate the same ``Z`` from the same seed when it forms the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def noise_like(B: torch.Tensor, seed: int) -> torch.Tensor:
+    """The perturbation direction Z for ``B`` under ``seed``: N(0, 1), deterministic per device."""
+    gen = torch.Generator(device=B.device)
+    gen.manual_seed(seed)
+    return torch.randn(B.shape, generator=gen, device=B.device, dtype=B.dtype)
+
+
+class ZOActLinear(nn.Module):
+    def __init__(self, base: nn.Module, P: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.base = base
+        # Not persistent: the base model's state_dict stays the base model's; adapters are saved
+        # separately (PEFT format / checkpoint), with shared bases written once.
+        self.register_buffer("P", P, persistent=False)
+        self.B = nn.Parameter(B, requires_grad=False)
+        self.noise_seed: int | None = None
+        self.noise_scale: float = 0.0
+
+    @property
+    def in_features(self) -> int:
+        return self.P.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    def set_noise(self, seed: int | None, scale: float = 0.0) -> None:
+        self.noise_seed, self.noise_scale = seed, scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """delta W = B P^T (d_out x d_in), the dense update a LoRA merge adds to W."""
+        return self.B @ self.P.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        coeff = self.B
+        if self.noise_seed is not None and self.noise_scale != 0.0:
+            coeff = coeff + self.noise_scale * noise_like(self.B, self.noise_seed)
+        low = (x.to(self.P.dtype) @ self.P) @ coeff.T
+        return out + low.to(out.dtype)

@@ -1,0 +1,234 @@
+"""Tasks turn examples into token batches and define the loss a ZO step minimises.
+
+Three kinds:
+
+* ``ClassificationTask``: prompt template + verbalizer words, scored the way the zeroth-order
+  literature scores SST-2 (MeZO): the loss is the cross-entropy over the candidate label tokens at
+  the position after the prompt. Only the last position's hidden state is projected, and only
+  onto the candidate rows of the output embedding: a full 49k-vocabulary head over every position
+  would cost more than several decoder layers of a small model.
+* ``LMTask``: plain causal-LM text, next-token loss on every real token.
+* ``CompletionTask``: prompt/completion pairs, loss on the completion tokens only.
+
+All losses are computed in fp32 whatever the model's compute dtype, because the ZO estimate is a
+difference of two nearly equal losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import ClassificationExample, CompletionExample, TextExample
+from .errors import UserError
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None = None  # classification: class index per row
+    target_mask: torch.Tensor | None = None  # LM: which tokens are predicted (bool, same shape as ids)
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # Real tokens get positions 0..n-1 whatever the padding side; models with absolute position
+    # embeddings (GPT-2, OPT) would otherwise see left-padded prompts shifted.
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or fp64 when the model already is (tests compare against autograd in fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def hidden_states(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states (after the last norm) from the decoder stack, without the LM head."""
+    out = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def output_rows(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    weight = head.weight[token_ids]
+    bias = head.bias[token_ids] if getattr(head, "bias", None) is not None else None
+    return weight, bias
+
+
+class ClassificationTask:
+    kind = "classification"
+
+    def __init__(self, tokenizer, template: str, label_words: list[str], max_length: int):
+        if "{text}" not in template:
+            raise UserError("--template must contain {text}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.label_words = list(label_words)
+        self.max_length = max_length
+        ids = []
+        for word in self.label_words:
+            toks = tokenizer(" " + word.strip(), add_special_tokens=False).input_ids
+            if not toks:
+                raise UserError(f"label word {word!r} tokenizes to nothing")
+            ids.append(toks[0])  # multi-token words are scored by their first token
+        if len(set(ids)) != len(ids):
+            raise UserError(f"label words {self.label_words} share a first token; choose words that differ at the start")
+        self.candidate_ids = torch.tensor(ids, dtype=torch.long)
+
+    def collate(self, examples: list[ClassificationExample]) -> Batch:
+        seqs = []
+        for ex in examples:
+            ids = self.tokenizer(self.template.format(text=ex.text), add_special_tokens=True).input_ids
+            seqs.append(ids[-self.max_length:])  # keep the end: it holds the question being asked
+        ids, mask = _pad(seqs, self.tokenizer.pad_token_id, left=True)
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+        return Batch(ids, mask, _positions(mask), labels=labels)
+
+    def logits(self, model, batch: Batch) -> torch.Tensor:
+        """Candidate-label logits (batch x num_labels) in fp32, from the last position only."""
+        last = _wide(hidden_states(model, batch)[:, -1])  # left padding: the prompt ends at -1
+        weight, bias = output_rows(model, self.candidate_ids.to(last.device))
+        logits = last @ weight.to(last.dtype).T
+        return logits if bias is None else logits + bias.to(last.dtype)
+
+    def loss(self, model, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, batch), batch.labels)
+
+
+class _TokenLossTask:
+    """Shared next-token loss for LM and completion tasks."""
+
+    chunk = 1024  # positions per LM-head call: bounds the vocab-sized logits tensor
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def _finish(self, seqs, targets) -> Batch:
+        ids, mask = _pad(seqs, self.tokenizer.pad_token_id, left=False)
+        tmask = torch.zeros_like(mask, dtype=torch.bool)
+        for i, t in enumerate(targets):
+            tmask[i, : len(t)] = torch.tensor(t, dtype=torch.bool)
+        return Batch(ids, mask, _positions(mask), target_mask=tmask)
+
+    def token_nll(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Summed next-token NLL over target tokens (fp32) and how many there were."""
+        hidden = hidden_states(model, batch)[:, :-1]
+        select = batch.target_mask[:, 1:]
+        h = hidden[select]
+        targets = batch.input_ids[:, 1:][select]
+        head = model.get_output_embeddings()
+        total = torch.zeros((), dtype=_wide(h[:0]).dtype, device=h.device)
+        for start in range(0, h.shape[0], self.chunk):
+            logits = _wide(head(h[start:start + self.chunk]))
+            total = total + F.cross_entropy(logits, targets[start:start + self.chunk], reduction="sum")
+        return total, int(targets.numel())
+
+    def loss(self, model, batch: Batch) -> torch.Tensor:
+        total, n = self.token_nll(model, batch)
+        return total / max(n, 1)
+
+
+class LMTask(_TokenLossTask):
+    kind = "lm"
+
+    def collate(self, examples: list[TextExample]) -> Batch:
+        seqs, targets = [], []
+        for ex in examples:
+            ids = self.tokenizer(ex.text, add_special_tokens=True).input_ids
+            if self.tokenizer.eos_token_id is not None:
+                ids = ids + [self.tokenizer.eos_token_id]
+            ids = ids[: self.max_length]
+            seqs.append(ids)
+            targets.append([True] * len(ids))
+        return self._finish(seqs, targets)
+
+
+class CompletionTask(_TokenLossTask):
+    kind = "completion"
+
+    def collate(self, examples: list[CompletionExample]) -> Batch:
+        seqs, targets = [], []
+        for ex in examples:
+            p = self.tokenizer(ex.prompt, add_special_tokens=True).input_ids
+            c = self.tokenizer(ex.completion, add_special_tokens=False).input_ids
+            if self.tokenizer.eos_token_id is not None:
+                c = c + [self.tokenizer.eos_token_id]
+            # keep the whole completion if possible and cut the prompt from the left
+            p = p[-max(self.max_length - len(c), 1):]
+            ids = (p + c)[: self.max_length]
+            seqs.append(ids)
+            targets.append([False] * len(p) + [True] * (len(ids) - len(p)))
+        return self._finish(seqs, targets)
+
+
+# --------------------------------------------------------------------------- task selection
+
+TASKS = ("rotten-tomatoes", "classification", "lm", "completion")
+RT_TEMPLATE = "Review: {text}\nSentiment: It was"
+RT_WORDS = ("terrible", "great")  # label 0 = negative (rotten), 1 = positive (fresh)
+
+
+def parse_labels(spec: str) -> tuple[list[str], list[str]]:
+    """'positive:great,negative:terrible' -> (['positive', 'negative'], ['great', 'terrible'])."""
+    names, words = [], []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, sep, word = part.partition(":")
+        if not sep or not name.strip() or not word.strip():
+            raise UserError(f"--labels {spec!r}: use LABEL:WORD pairs, e.g. positive:great,negative:terrible")
+        names.append(name.strip())
+        words.append(word.strip())
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"--labels {spec!r}: need at least two distinct labels")
+    return names, words
+
+
+def build_task(cfg, tokenizer):
+    """Return (task, splits) for a TuneConfig-like object."""
+    from . import data
+
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown --task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    if cfg.task == "rotten-tomatoes":
+        task = ClassificationTask(tokenizer, cfg.template or RT_TEMPLATE, list(RT_WORDS), cfg.max_length)
+        return task, data.load_rotten_tomatoes()
+    if not cfg.data:
+        raise UserError(f"--task {cfg.task} needs --data FILE (.csv or .jsonl)")
+    if cfg.task == "classification":
+        if not cfg.labels:
+            raise UserError("--task classification needs --labels LABEL:WORD,... (the verbalizer)")
+        names, words = parse_labels(cfg.labels)
+        task = ClassificationTask(tokenizer, cfg.template or "{text}\nAnswer:", words, cfg.max_length)
+        return task, data.load_classification_file(cfg.data, cfg.text_field, cfg.label_field, names)
+    if cfg.task == "lm":
+        return LMTask(tokenizer, cfg.max_length), data.load_text_file(cfg.data, cfg.text_field)
+    return CompletionTask(tokenizer, cfg.max_length), data.load_completion_file(cfg.data)
