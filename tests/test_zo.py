@@ -100,3 +100,11 @@ def test_non_finite_loss_skips_the_update(tokenizer):
     assert not res.finite
     assert all(torch.equal(b, l.B) for b, l in zip(before, order))
     assert not opt.state  # the optimizer never stepped
+
+
+def test_shared_projection_keeps_no_activation_after_the_forward(tokenizer):
+    model, task, layers, batch = _setup(tokenizer)
+    shared = {id(l.shared): l.shared for l in layers.values() if l.shared is not None}
+    assert any(s.members == 3 for s in shared.values())  # q/k/v share one x @ P
+    _loss_fn(model, task, batch)()
+    assert all(s.x is None and s.h is None for s in shared.values())

@@ -59,7 +59,7 @@ class TuneConfig:
     # evaluation, checkpoints, output
     eval_every: int = opt(0, "evaluate on the validation split every N steps (0: only before and after)")
     eval_samples: int = opt(500, "validation examples per evaluation (0: all)")
-    eval_batch_size: int = opt(32, "batch size for evaluation")
+    eval_batch_size: int = opt(16, "batch size for evaluation (larger is not faster on CPU, and costs memory)")
     save_every: int = opt(25, "write a resumable checkpoint every N steps (0: only at the end)")
     output: str | None = opt(None, "output folder (default: runs/<task>-<date>-<time>)")
     overwrite: bool = opt(False, "allow writing into a non-empty --output")

@@ -24,8 +24,36 @@ def noise_like(B: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(B.shape, generator=gen, device=B.device, dtype=B.dtype)
 
 
+class SharedProjection:
+    """``x @ P`` computed once for the layers that share P and read the same x (q/k/v, gate/up).
+
+    The first member computes ``h = x @ P`` and keeps (x, h) until every member has used it; the
+    reference to x keeps its identity from being recycled meanwhile. Nothing outlives the group's
+    turn in the forward, so no activations accumulate across layers.
+    """
+
+    __slots__ = ("members", "x", "h", "uses")
+
+    def __init__(self, members: int):
+        self.members = members
+        self.x = self.h = None
+        self.uses = 0
+
+    def __call__(self, x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        if self.x is x:
+            h = self.h
+            self.uses += 1
+            if self.uses >= self.members:
+                self.x = self.h = None
+            return h
+        h = x.to(P.dtype) @ P
+        if self.members > 1:
+            self.x, self.h, self.uses = x, h, 1
+        return h
+
+
 class ZOActLinear(nn.Module):
-    def __init__(self, base: nn.Module, P: torch.Tensor, B: torch.Tensor):
+    def __init__(self, base: nn.Module, P: torch.Tensor, B: torch.Tensor, shared: SharedProjection | None = None):
         super().__init__()
         self.base = base
         # Not persistent: the base model's state_dict stays the base model's; adapters are saved
@@ -34,6 +62,7 @@ class ZOActLinear(nn.Module):
         self.B = nn.Parameter(B, requires_grad=False)
         self.noise_seed: int | None = None
         self.noise_scale: float = 0.0
+        self.shared = shared
 
     @property
     def in_features(self) -> int:
@@ -50,10 +79,15 @@ class ZOActLinear(nn.Module):
         """delta W = B P^T (d_out x d_in), the dense update a LoRA merge adds to W."""
         return self.B @ self.P.T
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared(x, self.P)
+        return x.to(self.P.dtype) @ self.P
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         coeff = self.B
         if self.noise_seed is not None and self.noise_scale != 0.0:
             coeff = coeff + self.noise_scale * noise_like(self.B, self.noise_seed)
-        low = (x.to(self.P.dtype) @ self.P) @ coeff.T
+        low = self.project(x) @ coeff.T
         return out + low.to(out.dtype)

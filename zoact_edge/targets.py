@@ -93,9 +93,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(parent_name) if parent_name else model, leaf
 
 
-def wrap(model: nn.Module, name: str, P, B) -> ZOActLinear:
+def wrap(model: nn.Module, name: str, P, B, shared=None) -> ZOActLinear:
     parent, leaf = _parent(model, name)
-    layer = ZOActLinear(getattr(parent, leaf), P, B)
+    layer = ZOActLinear(getattr(parent, leaf), P, B, shared)
     setattr(parent, leaf, layer)
     return layer
 

@@ -9,6 +9,7 @@ a run resumed from a checkpoint replays exactly the batches and directions it wo
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from .basis import BasisConfig, compute_bases
 from .config import TuneConfig
 from .errors import UserError
 from .evaluate import evaluate
-from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes
+from .layer import SharedProjection
+from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_memory
 from .models import load_model
 from .paths import atomic_write
 from .tasks import ClassificationTask, build_task, hidden_states
@@ -94,13 +96,14 @@ def prepare_output(cfg: TuneConfig) -> tuple[Path, bool]:
 
 
 def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | None, dtype, device) -> dict:
-    """Wrap every target; group members keep sharing one P tensor after the dtype/device move."""
-    moved: dict[int, torch.Tensor] = {}
+    """Wrap every target; group members keep sharing one P tensor (and its x @ P) after the move."""
+    members = collections.Counter(id(bases[t.name]) for t in found)
+    moved: dict[int, tuple[torch.Tensor, SharedProjection]] = {}
     for t in found:
         P = bases[t.name]
-        P_dev = moved.setdefault(id(P), P.to(device=device, dtype=dtype))
+        P_dev, shared = moved.setdefault(id(P), (P.to(device=device, dtype=dtype), SharedProjection(members[id(P)])))
         B = coeffs[t.name].to(device=device, dtype=dtype) if coeffs else torch.zeros(t.d_out, P.shape[1], device=device, dtype=dtype)
-        tgt.wrap(model, t.name, P_dev, B)
+        tgt.wrap(model, t.name, P_dev, B, shared)
     return tgt.adapters(model)
 
 
@@ -125,7 +128,9 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     eval_set = splits.validation[: cfg.eval_samples or None]
 
     def run_eval(desc):
-        return evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
+        metrics = evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
+        release_free_memory()
+        return metrics
 
     # ---- adapters: fresh one-shot bases, or everything from the checkpoint
     if resume:
@@ -147,6 +152,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
             progress=lambda desc, it: tqdm(it, desc=desc, leave=False, unit="batch"),
         )
         basis_seconds = time.time() - t0
+        del calib
+        release_free_memory()
         layers = inject_adapters(model, found, bases, None, dtype, device)
         zero_shot = run_eval("zero-shot eval")
         start_step, opt_state = 0, None
@@ -247,7 +254,7 @@ def _calibration_batches(cfg, task, train: list, device) -> list:
     n = min(cfg.calib_samples, len(train))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0xCA11B))
     idx = torch.randperm(len(train), generator=gen)[:n].tolist()
-    bs = cfg.eval_batch_size
+    bs = cfg.batch_size  # the training batch: calibration then peaks no higher than a ZO step
     return [task.collate([train[i] for i in idx[s:s + bs]]).to(device) for s in range(0, n, bs)]
 
 

@@ -1,0 +1,47 @@
+"""Target selection, schedules and data order."""
+
+import pytest
+
+from conftest import make_model
+from zoact_edge.config import TuneConfig
+from zoact_edge.errors import UserError
+from zoact_edge.targets import find_targets
+from zoact_edge.train import batch_indices, lr_factor
+
+
+def test_default_targets_are_all_block_linears(tokenizer):
+    names = [t.name.split(".", 3)[-1] for t in find_targets(make_model("llama", len(tokenizer)))]
+    assert len(names) == 14 and not any("lm_head" in n or "embed" in n for n in names)
+    gpt2 = [t for t in find_targets(make_model("gpt2", len(tokenizer)))]
+    assert len(gpt2) == 8 and {t.name.rsplit(".", 1)[-1] for t in gpt2} == {"c_attn", "c_proj", "c_fc"}
+    c_attn = next(t for t in gpt2 if t.name.endswith("c_attn"))
+    assert (c_attn.d_in, c_attn.d_out) == (64, 192)  # Conv1D stores its weight transposed
+
+
+def test_patterns_and_layer_ranges(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    sel = find_targets(model, "q_proj,v_proj", "1")
+    assert [t.name for t in sel] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert len(find_targets(model, "*_proj", "0-1")) == 14
+    with pytest.raises(UserError, match="has blocks 0-1"):
+        find_targets(model, None, "1-5")
+    with pytest.raises(UserError, match="no linear layers match"):
+        find_targets(model, "nonexistent")
+    with pytest.raises(UserError):
+        find_targets(model, None, "3-1")
+
+
+def test_lr_schedules():
+    cfg = TuneConfig(steps=10, warmup_steps=2, schedule="linear")
+    assert [round(lr_factor(s, cfg), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cfg = TuneConfig(steps=10, warmup_steps=0, schedule="cosine")
+    assert lr_factor(0, cfg) == 1.0 and abs(lr_factor(5, cfg) - 0.5) < 1e-9
+    assert lr_factor(7, TuneConfig(steps=10)) == 1.0
+
+
+def test_batches_cover_each_epoch_once_and_are_stateless():
+    n, bs = 10, 4
+    stream = [i for step in range(5) for i in batch_indices(step, bs, n, seed=3)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(3, bs, n, seed=3) == stream[12:16]  # any step, recomputed on demand
+    assert batch_indices(0, bs, n, seed=4) != batch_indices(0, bs, n, seed=3)
