@@ -146,6 +146,7 @@ def test_bad_inputs_fail_cleanly(model_dirs, tmp_path, capsys):
     (broken / "config.json").write_text("{not json")
     _bad(["tune", "--model", broken, "--output", out], capsys, "cannot load", out)
     _bad(["tune", "--model", tmp_path / "x.gguf", "--output", out], capsys, "model file not found", out)
+    _bad(["tune", "--model", "zoact-test-org/no-such-model", "--output", out], capsys, "cannot load", out)
     _bad(["tune", "--model", m, "--rank", "500", *FAST[:2], "--output", out], capsys, "larger than the input width", out)
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
