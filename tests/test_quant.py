@@ -37,11 +37,14 @@ def _fingerprint(model) -> dict:
 
 
 def _warm_up(loaded):
-    """One inference forward. On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for its CPU
-    kernel at the first inference call (a layout change, absmax stored as bf16); that is the
-    library's inference path, not tuning, so weights are compared from this point on."""
+    """One inference forward before the first fingerprint.
+
+    bitsandbytes' bf16 CPU kernel would repack 4-bit weights at the first inference call; we
+    switch it off (``models._keep_cpu_4bit_in_fp32``), so nothing may change here either."""
     with torch.inference_mode():
         loaded.model(input_ids=torch.tensor([[5, 6, 7]], device=loaded.device))
+    for m in loaded.model.modules():
+        assert not getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
 
 
 def _train(loaded, steps, lr, seed=0):

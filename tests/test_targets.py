@@ -45,3 +45,4 @@ def test_batches_cover_each_epoch_once_and_are_stateless():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert batch_indices(3, bs, n, seed=3) == stream[12:16]  # any step, recomputed on demand
     assert batch_indices(0, bs, n, seed=4) != batch_indices(0, bs, n, seed=3)
+

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TuneConfig, build_config, read_config_file
+from .config import TuneConfig, build_config, field_type, read_config_file
 from .errors import UserError
 
 EVAL_FIELDS = ("model", "bits", "quant_type", "device", "trust_remote_code", "task", "data", "text_field",
@@ -28,10 +28,10 @@ def _add_config_options(parser: argparse.ArgumentParser, only=None) -> None:
         flag = "--" + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         default_note = f" (default: {f.default})" if f.default is not None else ""
-        if isinstance(f.default, bool):
+        typ = field_type(f)
+        if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext + default_note)
         else:
-            typ = type(f.default) if f.default is not None else str
             parser.add_argument(flag, type=typ, metavar=f.name.upper(), choices=f.metadata.get("choices"),
                                 help=helptext + default_note)
 
@@ -63,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", metavar="DIR", help="adapter folder written by tune (PEFT LoRA format)")
     ev.add_argument("--split", choices=["train", "validation", "test"], help="split to evaluate (default: validation)")
     ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
+    ev.add_argument("--onnx", metavar="DIR", help="evaluate a model written by `zoact-edge export` instead")
     _add_config_options(ev, only=EVAL_FIELDS)
+    from .onnx_cli import add_onnx_parsers
+
+    add_onnx_parsers(sub)
+    from .profiler import add_profile_parser
+
+    add_profile_parser(sub)
     return parser
 
 
@@ -106,6 +113,12 @@ def cmd_eval(args: dict) -> int:
     adapter = args.pop("adapter", None)
     split = args.pop("split", "validation")
     json_out = args.pop("json", None)
+    if "onnx" in args:
+        from .onnx_cli import cmd_eval_onnx
+
+        if adapter:
+            raise UserError("--onnx and --adapter are alternatives: the export already contains the adapter")
+        return cmd_eval_onnx(args.pop("onnx"), args, EVAL_FIELDS, split, json_out)
     base_values = {}
     if adapter:
         run_cfg = Path(adapter) / "run_config.json"
@@ -148,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         if ns.command == "tune":
             return cmd_tune(args)
+        if ns.command in ("export", "generate"):
+            from .onnx_cli import cmd_export, cmd_generate
+
+            return cmd_export(args) if ns.command == "export" else cmd_generate(args)
+        if ns.command in ("profile", "profiles"):
+            from .profiler import cmd_profile, cmd_profiles
+
+            return cmd_profile(args) if ns.command == "profile" else cmd_profiles(args)
         return cmd_eval(args)
     except UserError as e:
         print(f"zoact-edge: error: {e}", file=sys.stderr)

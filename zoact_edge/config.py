@@ -26,7 +26,11 @@ class TuneConfig:
     bits: int = opt(32, "frozen weight precision: 4 (bitsandbytes nf4/fp4), 8 (LLM.int8), 16 (fp16/bf16), 32", [4, 8, 16, 32])
     quant_type: str = opt("nf4", "4-bit quantization type", ["nf4", "fp4"])
     device: str = opt("auto", "where to run: auto picks cuda when available", ["auto", "cpu", "cuda"])
+    backend: str = opt("torch", "engine for the ZO forward pairs: torch, or ort (the frozen model as an ONNX Runtime graph; needs the onnx extra)",
+                       ["torch", "ort"])
     trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
+    profile: str | None = opt(None, "device profile (see `zoact-edge profiles`): lowers bits, batch size, max length and "
+                                    "rank until the estimated peak fits its memory budget; refuses if nothing fits")
     # task and data
     task: str = opt("rotten-tomatoes", "rotten-tomatoes (embedded), classification, lm ({'text'} JSONL) or completion ({'prompt','completion'} JSONL)",
                     ["rotten-tomatoes", "classification", "lm", "completion"])
@@ -47,8 +51,13 @@ class TuneConfig:
     # ZO step and optimizer
     steps: int = opt(150, "ZO steps (each costs 2 x queries forwards)")
     batch_size: int = opt(16, "training examples per step")
-    eps: float = opt(1e-3, "perturbation size epsilon")
+    eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see models._keep_cpu_4bit_in_fp32)")
     queries: int = opt(1, "random directions averaged per step")
+    fused: bool | None = opt(None, "evaluate each +/- pair as one forward of 2 x batch rows, sharing the frozen matmuls "
+                                   "(default: on with CUDA, off on CPU, where tools/bench_step.py measured it slower)")
+    fuse_queries: bool = opt(False, "with fused pairs, evaluate all 2 x queries perturbations in one forward (activation memory grows with queries)")
+    share_prefix: bool = opt(True, "with fused pairs, compute the blocks below the first adapted block (see --layers) once for both signs")
+    accum_steps: int = opt(1, "micro-batches of --batch-size per step, all on one direction: effective batch = batch-size x accum-steps (x ranks under torchrun)")
     optimizer: str = opt("adam", "optimizer fed with the projected gradient", ["adam", "sgd"])
     lr: float = opt(1e-3, "learning rate")
     weight_decay: float = opt(0.0, "weight decay on the coefficients")
@@ -74,6 +83,7 @@ class TuneConfig:
             (self.eps > 0, "--eps must be > 0"),
             (self.lr > 0, "--lr must be > 0"),
             (self.queries >= 1, "--queries must be >= 1"),
+            (self.accum_steps >= 1, "--accum-steps must be >= 1"),
             (self.calib_samples >= 1, "--calib-samples must be >= 1"),
             (self.basis_passes >= 2, "--basis-passes must be >= 2"),
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every / --eval-every must be >= 0"),
@@ -88,6 +98,14 @@ class TuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The value type of an option; ``X | None`` fields (unset means auto) take X."""
+    optional = {"bool | None": bool, "float | None": float, "int | None": int}
+    if f.type in optional:
+        return optional[f.type]
+    return type(f.default) if f.default is not None else str
 
 
 def read_config_file(path: str) -> dict:
@@ -126,7 +144,7 @@ def build_config(cls, file_values: dict, cli_values: dict):
     for k, v in list(values.items()):
         if v is None:
             continue
-        typ = type(names[k].default) if names[k].default is not None else str
+        typ = field_type(names[k])
         try:
             if typ is bool and not isinstance(v, bool):
                 raise ValueError

@@ -9,6 +9,10 @@ ZO perturbations never write into ``B`` either. A layer can be told "add ``scale
 ``Z`` is drawn from a seed inside the forward, used, and dropped. That makes restore exact by
 construction (there is nothing to undo), keeps no noise tensor alive between forwards, and lets
 the optimizer regenerate the same ``Z`` from the same seed when it forms the gradient.
+
+A layer can also be told "the batch is G copies of the same rows; group g gets ``B + s_g Z_g``"
+(:meth:`ZOActLinear.set_noise_groups`). That is the fused +/- forward: the frozen base matmul
+runs once over all G x N rows, and only the small adapter path differs per group.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class ZOActLinear(nn.Module):
         self.B = nn.Parameter(B, requires_grad=False)
         self.noise_seed: int | None = None
         self.noise_scale: float = 0.0
+        self.noise_groups: tuple[tuple[int, float], ...] | None = None
         self.shared = shared
 
     @property
@@ -74,6 +79,15 @@ class ZOActLinear(nn.Module):
 
     def set_noise(self, seed: int | None, scale: float = 0.0) -> None:
         self.noise_seed, self.noise_scale = seed, scale
+        self.noise_groups = None
+
+    def set_noise_groups(self, groups) -> None:
+        """Rows form ``len(groups)`` equal consecutive blocks; block g sees ``B + scale_g * Z(seed_g)``.
+
+        ``groups`` is a sequence of (seed, scale); None (or empty) clears it.
+        """
+        self.noise_seed, self.noise_scale = None, 0.0
+        self.noise_groups = tuple((int(s), float(c)) for s, c in groups) if groups else None
 
     def delta_weight(self) -> torch.Tensor:
         """delta W = B P^T (d_out x d_in), the dense update a LoRA merge adds to W."""
@@ -86,8 +100,32 @@ class ZOActLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if self.noise_groups is not None:
+            return out + self._grouped_low(self.project(x)).to(out.dtype)
         coeff = self.B
         if self.noise_seed is not None and self.noise_scale != 0.0:
             coeff = coeff + self.noise_scale * noise_like(self.B, self.noise_seed)
         low = self.project(x) @ coeff.T
         return out + low.to(out.dtype)
+
+    def _grouped_low(self, h: torch.Tensor) -> torch.Tensor:
+        """``h @ (B + s_g Z_g)^T`` per row group, as one batched matmul.
+
+        Each group's coefficients are formed by the very expression the unfused forward uses, so a
+        fused group computes what a separate forward computes (up to GEMM rounding), at the same
+        cost as the unfused adapter path: G small (d_out x r) coefficient matrices are built,
+        B is only read. Rows are grouped batch-major, so ``h`` may be (rows, ..., r) of any rank.
+        """
+        groups = self.noise_groups
+        G = len(groups)
+        if h.shape[0] % G:
+            raise RuntimeError(f"fused forward: {h.shape[0]} rows do not split into {G} perturbation groups")
+        drawn: dict[int, torch.Tensor] = {}
+        coeffs = []
+        for seed, scale in groups:
+            if seed not in drawn:  # the + and - groups of a query share one draw of Z
+                drawn[seed] = noise_like(self.B, seed)
+            coeffs.append(self.B + scale * drawn[seed])
+        stacked = torch.stack(coeffs)  # (G, d_out, r)
+        low = torch.bmm(h.reshape(G, -1, h.shape[-1]), stacked.transpose(1, 2))
+        return low.reshape(*h.shape[:-1], stacked.shape[1])

@@ -14,9 +14,13 @@ import sys
 import torch
 
 
+_peak_before_reset = 0  # lifetime peak saved by reset_peak_rss (the reset also lowers ru_maxrss on Linux)
+
+
 def peak_rss_bytes() -> int:
+    """The process's lifetime peak RSS, phase resets (:func:`reset_peak_rss`) notwithstanding."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return max(peak if sys.platform == "darwin" else peak * 1024, _peak_before_reset)  # Linux reports KiB
 
 
 def peak_cuda_bytes() -> int | None:
@@ -48,3 +52,42 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# --------------------------------------------------------------------------- phase peaks
+# A process's lifetime peak (ru_maxrss) mixes phases: loading a checkpoint can peak higher than
+# the step we want to measure. Linux lets a process reset its own high-water mark (VmHWM) by
+# writing "5" to /proc/self/clear_refs, so a phase's peak can be read on its own.
+
+
+def current_rss_bytes() -> int:
+    """Resident set size right now (Linux: /proc; elsewhere: the lifetime peak, the best we have)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Start a new RSS high-water mark; False where the OS does not allow it (then peaks are lifetime peaks)."""
+    global _peak_before_reset
+    _peak_before_reset = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_peak_rss_bytes() -> int:
+    """Peak RSS since the last :func:`reset_peak_rss` (Linux VmHWM), else the lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()

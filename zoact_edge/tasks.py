@@ -41,6 +41,15 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def repeat(self, groups: int) -> "Batch":
+        """The batch stacked ``groups`` times along the rows (the fused +/- forward's input)."""
+        rep = lambda t: None if t is None else t.repeat(groups, *([1] * (t.dim() - 1)))  # noqa: E731
+        return Batch(*(rep(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")))
+
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
@@ -121,6 +130,21 @@ class ClassificationTask:
     def loss(self, model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch.labels)
 
+    def loss_terms(self, model, batch: Batch, groups: int = 1, expand: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, example count) per row group, for a forward of ``groups`` copies of ``batch``.
+
+        Sums and counts rather than means, so that micro-batches and data-parallel ranks combine
+        into exactly the large-batch loss. ``expand=False``: the model repeats the rows itself
+        (frozen-prefix sharing), the forward gets ``batch`` once.
+        """
+        if groups == 1 and expand:  # a plain forward: exactly the mean loss the unfused step always used
+            n = torch.full((1,), float(batch.rows), dtype=torch.float64)
+            return self.loss(model, batch).double().reshape(1).cpu() * n, n
+        logits = self.logits(model, batch.repeat(groups) if expand else batch)
+        per_row = F.cross_entropy(logits, batch.labels.repeat(groups), reduction="none")
+        sums = per_row.view(groups, -1).sum(1)
+        return sums, torch.full_like(sums, batch.rows)
+
 
 class _TokenLossTask:
     """Shared next-token loss for LM and completion tasks."""
@@ -154,6 +178,25 @@ class _TokenLossTask:
     def loss(self, model, batch: Batch) -> torch.Tensor:
         total, n = self.token_nll(model, batch)
         return total / max(n, 1)
+
+    def loss_terms(self, model, batch: Batch, groups: int = 1, expand: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, target-token count) per row group; see ``ClassificationTask.loss_terms``."""
+        if groups == 1 and expand:  # a plain forward: the summed NLL the unfused step always used
+            total, n = self.token_nll(model, batch)
+            return total.double().reshape(1).cpu(), torch.full((1,), float(n), dtype=torch.float64)
+        hidden = hidden_states(model, batch.repeat(groups) if expand else batch)[:, :-1]
+        select = batch.target_mask[:, 1:].repeat(groups, 1)
+        rows = select.nonzero()[:, 0] // batch.rows  # the group of every selected token
+        h = hidden[select]
+        targets = batch.input_ids[:, 1:].repeat(groups, 1)[select]
+        head = model.get_output_embeddings()
+        sums = torch.zeros(groups, dtype=_wide(h[:0]).dtype, device=h.device)
+        for start in range(0, h.shape[0], self.chunk):
+            logits = _wide(head(h[start:start + self.chunk]))
+            nll = F.cross_entropy(logits, targets[start:start + self.chunk], reduction="none")
+            sums.index_add_(0, rows[start:start + self.chunk], nll)
+        count = int(batch.target_mask[:, 1:].sum())
+        return sums, torch.full_like(sums, count)
 
 
 class LMTask(_TokenLossTask):

@@ -10,6 +10,7 @@ a run resumed from a checkpoint replays exactly the batches and directions it wo
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapter_io, targets as tgt
+from . import adapter_io, distributed, targets as tgt
 from .basis import BasisConfig, compute_bases
 from .config import TuneConfig
 from .errors import UserError
@@ -32,8 +33,10 @@ from .layer import SharedProjection
 from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_memory
 from .models import load_model
 from .paths import atomic_write
-from .tasks import ClassificationTask, build_task, hidden_states
-from .zo import derive_seed, zo_step
+from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
+from .prefix import adapted_blocks, make_loss_terms
+from .tasks import build_task, hidden_states
+from .zo import apply_update, derive_seed, estimate_batches, zo_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,18 +58,16 @@ def lr_factor(step: int, cfg: TuneConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int, _cache: dict = {}) -> list[int]:  # noqa: B006
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch))
+    return tuple(torch.randperm(n, generator=gen).tolist())
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Examples for ``step``: epochs of seeded permutations, read as one long stream."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch = pos // n
-        key = (seed, n, epoch)
-        if key not in _cache:
-            gen = torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch))
-            _cache.clear()  # one epoch's permutation at a time is enough
-            _cache[key] = torch.randperm(n, generator=gen).tolist()
-        out.append(_cache[key][pos % n])
-    return out
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in positions]
 
 
 def make_optimizer(params, cfg: TuneConfig) -> torch.optim.Optimizer:
@@ -96,13 +97,19 @@ def prepare_output(cfg: TuneConfig) -> tuple[Path, bool]:
 
 
 def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | None, dtype, device) -> dict:
-    """Wrap every target; group members keep sharing one P tensor (and its x @ P) after the move."""
-    members = collections.Counter(id(bases[t.name]) for t in found)
-    moved: dict[int, tuple[torch.Tensor, SharedProjection]] = {}
+    """Wrap every target; group members keep sharing one P tensor (and its x @ P) after the move.
+
+    ``device=None`` puts each adapter on its base layer's device, so a model sharded over GPUs
+    with accelerate's ``device_map="auto"`` gets its adapters next to the weights they adapt.
+    """
+    place = {t.name: device if device is not None else next(model.get_submodule(t.name).parameters()).device
+             for t in found}
+    members = collections.Counter((id(bases[t.name]), place[t.name]) for t in found)
+    moved: dict[tuple, tuple[torch.Tensor, SharedProjection]] = {}
     for t in found:
-        P = bases[t.name]
-        P_dev, shared = moved.setdefault(id(P), (P.to(device=device, dtype=dtype), SharedProjection(members[id(P)])))
-        B = coeffs[t.name].to(device=device, dtype=dtype) if coeffs else torch.zeros(t.d_out, P.shape[1], device=device, dtype=dtype)
+        P, dev = bases[t.name], place[t.name]
+        P_dev, shared = moved.setdefault((id(P), dev), (P.to(device=dev, dtype=dtype), SharedProjection(members[id(P), dev])))
+        B = coeffs[t.name].to(device=dev, dtype=dtype) if coeffs else torch.zeros(t.d_out, P.shape[1], device=dev, dtype=dtype)
         tgt.wrap(model, t.name, P_dev, B, shared)
     return tgt.adapters(model)
 
@@ -112,12 +119,22 @@ def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | 
 
 def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     t_start = time.time()
+    if cfg.profile:  # bits / batch / length / rank lowered until the estimate fits the profile's budget
+        from .fit import apply_profile
+
+        cfg = apply_profile(cfg)
+    ranks = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank; else rank 0 of 1
+    main = ranks.is_main  # only the main rank writes files
+    if cfg.backend != "torch" and (cfg.fused or cfg.accum_steps > 1 or ranks.active):
+        raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {cfg.backend})")
     if resume:
         out, existed = Path(resume), True
         if adapter_io.find_checkpoint(out) is None:
             raise UserError(f"--resume {resume}: no checkpoint found there")
-    else:
+    elif main:
         out, existed = prepare_output(cfg)
+    else:
+        out, existed = Path(os.devnull), True  # never written to: every write below is main-rank only
 
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
@@ -126,6 +143,12 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     tgt.check_rank(found, cfg.rank)
     dtype = adapter_dtype(cfg, device)
     eval_set = splits.validation[: cfg.eval_samples or None]
+    # Yardstick for the peak printed at the end: one inference forward of the longest batch this
+    # run can see (batch_size x max_length), measured here; then the run's own peak starts.
+    probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
+    yardstick = inference_peak(model, task, probe, device)
+    tune_meter = Meter(device)
+    tune_meter.start()
 
     def run_eval(desc):
         metrics = evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
@@ -139,7 +162,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
             raise UserError(f"--resume {resume}: the checkpoint's layers do not match this model/targets")
         layers = inject_adapters(model, found, P, B, dtype, device)
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
-        _truncate_metrics(out / "metrics.jsonl", start_step)
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
     else:
         calib = _calibration_batches(cfg, task, splits.train, device)
         t0 = time.time()
@@ -158,23 +182,37 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         zero_shot = run_eval("zero-shot eval")
         start_step, opt_state = 0, None
         # Only now, with the inputs validated, does anything get written.
-        if cfg.overwrite and existed:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+        if main:
+            if cfg.overwrite and existed:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
     order = list(layers.values())
+    distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
 
     # ---- ZO steps: every loss evaluation is forward-only, under inference mode
+    # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
+    # they save little (tools/bench_step.py measures it) and they double activation memory.
+    fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
+    loss_terms = make_loss_terms(model, task, adapted_blocks(model, layers) if cfg.share_prefix else None)
+    reduce_losses = distributed.loss_reducer(ranks, device)  # sums 4 x queries scalars over ranks
+    per_rank = cfg.batch_size * cfg.accum_steps
     batch_holder = {}
 
-    def loss_fn() -> float:
-        with torch.inference_mode():
-            return float(task.loss(model, batch_holder["batch"]))
+    if cfg.backend == "ort":  # the same loss, evaluated by ONNX Runtime at the layers' B +/- eps Z
+        from .onnx_backend import build_ort_loss
+
+        ort_loss = build_ort_loss(model, task, layers, task.collate(splits.train[:2]), loaded.folder, device, cfg.bits)
+
+        def loss_fn() -> float:
+            return ort_loss.loss(batch_holder["batch"])
 
     def checkpoint(step):
+        if not main:
+            return
         state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict()}
         adapter_io.save_checkpoint(out, layers, optimizer, state)
 
@@ -182,17 +220,27 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         bad_in_a_row, t_loop = 0, time.time()
         # Testing hook: die by SIGKILL at the start of this step, like a crash or an OOM kill.
         kill_at = int(os.environ.get("ZOACT_KILL_AT_STEP", "0"))
-        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="zo-act", unit="step")
-        with open(out / "metrics.jsonl", "a") as metrics:
+        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="zo-act", unit="step", disable=not main)
+        with open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics:
             for step in bar:
                 if step + 1 == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
-                batch_holder["batch"] = task.collate([splits.train[i] for i in idx]).to(device)
+                # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
+                idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed)
+                idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+                micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]]).to(device)
+                         for s in range(0, per_rank, cfg.batch_size)]
                 lr = cfg.lr * lr_factor(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                res = zo_step(order, loss_fn, optimizer, derive_seed(cfg.seed, step), cfg.eps, cfg.queries)
+                step_seed = derive_seed(cfg.seed, step)
+                if cfg.backend == "torch":
+                    res = estimate_batches(order, loss_terms, micro, step_seed, cfg.eps, cfg.queries,
+                                           fused, cfg.fuse_queries, reduce_losses)
+                    apply_update(order, res, optimizer, step_seed)
+                else:
+                    batch_holder["batch"] = micro[0]
+                    res = zo_step(order, loss_fn, optimizer, step_seed, cfg.eps, cfg.queries)
                 record = {"step": step + 1, "loss": res.loss if res.finite else None, "lr": lr,
                           "projected_grad": res.projected, "skipped": not res.finite, "time": round(time.time() - t_start, 3)}
                 if not res.finite:
@@ -212,7 +260,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
                     checkpoint(step + 1)
     except BaseException:
         # A fresh run that dies before its first checkpoint leaves nothing behind.
-        if not resume and not existed and adapter_io.find_checkpoint(out) is None:
+        if main and not resume and not existed and adapter_io.find_checkpoint(out) is None:
             shutil.rmtree(out, ignore_errors=True)
         raise
     bar.close()
@@ -220,7 +268,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
 
     # ---- final evaluation and outputs
     final = run_eval("final eval")
-    adapter_io.save_peft(out, layers, loaded.folder)
+    if main:
+        adapter_io.save_peft(out, layers, loaded.folder)
     checkpoint(cfg.steps)
     summary = {
         "zero_shot": zero_shot,
@@ -236,9 +285,14 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         "peak_cuda_bytes": peak_cuda_bytes(),
         "bits": cfg.bits,
         "device": str(device),
+        "fused": fused,
+        "examples_per_step": per_rank * ranks.world_size,
+        **tune_peak_summary(tune_meter.stop(), yardstick, probe.input_ids.shape),
     }
-    _write_json(out / "summary.json", summary)
-    summary["output"] = str(out)
+    if main:
+        _write_json(out / "summary.json", summary)
+    distributed.shutdown(ranks)
+    summary["output"] = str(out) if main else f"written by rank 0 (this is rank {ranks.rank})"
     return summary
 
 
@@ -295,4 +349,6 @@ def describe(summary: dict) -> str:
                  f"wall time this run: {summary['wall_seconds_this_run']:.0f} s")
     lines.append(f"peak memory: RSS {fmt_bytes(summary['peak_rss_bytes'])}"
                  + (f", CUDA {fmt_bytes(summary['peak_cuda_bytes'])}" if summary["peak_cuda_bytes"] else ""))
+    if describe_tune_peak(summary):
+        lines.append(describe_tune_peak(summary))
     return "\n".join(lines)

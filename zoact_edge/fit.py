@@ -1,0 +1,288 @@
+"""Will it fit? A peak-memory estimator for ZO-Act tuning, and device profiles that use it.
+
+The estimate is built from parts the profiler measures separately (``zoact-edge profile``):
+
+    peak = runtime + weights(bits) + adapter state(rank) + activations(batch x seq)
+
+* weights are counted exactly from the model's config (instantiated on the ``meta`` device, no
+  memory): the adapted linears at the storage cost of ``bits`` (4-bit: half a byte per weight plus
+  one fp32 absmax per 64-weight block), everything else at the compute dtype;
+* adapter state is B, P, B's gradient and two Adam moments, exactly;
+* runtime (interpreter, torch, allocator) and the activation coefficient are *calibrated* on the
+  profiler's measurements of the default model (``docs/profile-default/``), see ``CALIBRATION``.
+
+A device profile (``profiles/*.toml``) holds a memory budget, the device kind, preferred compute
+dtype and bits, and limits on batch, sequence length and rank. :func:`choose` walks the settings
+from the most to the least preferred and returns the first whose estimate fits the budget, or
+refuses, saying what would fit instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# Calibration from `zoact-edge profile` on the default model (SmolLM2-135M, CPU, 2 cores; see
+# docs/profile-default/*/report.json; fit.calibrate derives these from them, a test checks it).
+# runtime_cpu: resident RSS after loading minus the weights, for 16/32-bit models and for 4/8-bit
+# ones (bitsandbytes' kernels and buffers add ~100 MiB). act_bytes_per_token_width: the zoact
+# method's "activations + transients" divided by batch x seq x (hidden + intermediate), the
+# widest per-token tensors of a decoder block.
+CALIBRATION = {
+    "runtime_cpu_bytes": 404965888,
+    "runtime_cpu_quantized_bytes": 508388736,
+    "act_bytes_per_token_width": 76.54,
+    "cuda_runtime_bytes": 0,  # the CUDA context sits outside the allocator: profiles give it as `reserve`
+    "safety": 1.10,  # estimates are multiplied by this before comparing with a budget
+}
+
+BITS_BYTES = {32: 4.0, 16: 2.0, 8: 1.0, 4: 0.5 + 4 / 64}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model, read from its config without loading it."""
+
+    adapted_params: int  # weights of the linears that get adapters (what 4/8-bit quantizes)
+    other_params: int  # embeddings, norms, untied head: kept at the compute dtype
+    sum_d_in: int  # over adapted linears
+    sum_d_out: int
+    width: int  # hidden + intermediate size of a block
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config, targets: str | None = None, layers: str | None = None) -> "ModelShape":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from . import targets as tgt
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        found = tgt.find_targets(model, targets, layers)
+        adapted = sum(t.d_in * t.d_out for t in found)
+        total = sum(p.numel() for p in model.parameters())
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+        return cls(adapted, total - adapted, sum(t.d_in for t in found), sum(t.d_out for t in found),
+                   hidden + inter, config.vocab_size)
+
+    @classmethod
+    def from_model(cls, model: str | None, targets: str | None = None, layers: str | None = None) -> "ModelShape":
+        from transformers import AutoConfig
+
+        from .models import resolve_model
+
+        source = resolve_model(model)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read the config of {source!r}: {e}") from None
+        return cls.from_config(config, targets, layers)
+
+    @property
+    def params(self) -> int:
+        return self.adapted_params + self.other_params
+
+
+@dataclass(frozen=True)
+class Setting:
+    bits: int
+    batch: int
+    seq: int
+    rank: int
+
+
+def estimate_bytes(shape: ModelShape, s: Setting, device: str = "cpu", task: str = "classification",
+                   calibration: dict | None = None) -> int:
+    """Estimated peak of a ZO-Act run (before the safety factor)."""
+    cal = {**CALIBRATION, **(calibration or {})}
+    other_bytes = 4 if (device == "cpu" and s.bits != 16) or (device != "cpu" and s.bits == 32) else 2
+    weights = shape.adapted_params * BITS_BYTES[s.bits] + shape.other_params * other_bytes
+    adapter_bytes = 4 if device == "cpu" else 2
+    state = (4 * shape.sum_d_out + shape.sum_d_in) * s.rank * adapter_bytes  # B, grad, 2 Adam moments; P
+    tokens = s.batch * s.seq
+    act = cal["act_bytes_per_token_width"] * tokens * shape.width
+    if task in ("lm", "completion"):  # fp32 logits and their log-softmax, 1024 positions at a time
+        act += 2 * 4 * min(tokens, 1024) * shape.vocab
+    if device != "cpu":
+        runtime = cal["cuda_runtime_bytes"]
+    else:
+        runtime = cal["runtime_cpu_quantized_bytes"] if s.bits in (4, 8) else cal["runtime_cpu_bytes"]
+    return int(runtime + weights + state + act)
+
+
+def calibrate(reports: list[dict], shape: ModelShape) -> dict:
+    """CALIBRATION values from CPU profiler reports of one model (``zoact-edge profile`` JSON).
+
+    Conservative: the largest runtime (per precision class) and the largest activation coefficient
+    seen for ``zoact``. A class without a measurement borrows the other's runtime.
+    """
+    runtime, act = {False: 0, True: 0}, 0.0
+    for r in reports:
+        e, s = r["methods"]["zoact"], r["settings"]
+        if e.get("status") != "ok" or s["device"] != "cpu":
+            continue
+        quantized = s["bits"] in (4, 8)
+        runtime[quantized] = max(runtime[quantized], e["breakdown"]["runtime"])
+        act = max(act, e["breakdown"]["activations_transients"] / (s["batch"] * s["seq"] * shape.width))
+    if not any(runtime.values()):
+        raise UserError("no CPU zoact measurement in the reports")
+    return {"runtime_cpu_bytes": int(runtime[False] or runtime[True]),
+            "runtime_cpu_quantized_bytes": int(runtime[True] or runtime[False]),
+            "act_bytes_per_token_width": round(act, 2)}
+
+
+# --------------------------------------------------------------------------- device profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: str  # cpu | cuda
+    memory_total_bytes: int
+    budget_bytes: int  # what one tuning process may use
+    reserve_bytes: int  # needed outside the measured peak (CUDA context); counted against the budget
+    compute_dtype: str
+    bits: tuple[int, ...]  # preferred first
+    max_batch: int
+    max_seq: int
+    max_rank: int
+    min_batch: int
+    min_seq: int
+    min_rank: int
+    path: str
+
+
+def profiles_dir() -> Path:
+    """``$ZOACT_PROFILES``, else the ``profiles/`` folder of this source tree."""
+    env = os.environ.get("ZOACT_PROFILES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def _parse_profile(path: Path) -> Profile:
+    from .profiler import parse_bytes
+
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"profile {path}: {e}") from None
+    lim = d.get("limits", {})
+    try:
+        p = Profile(
+            name=path.stem, description=d["description"], device=d["device"],
+            memory_total_bytes=parse_bytes(d["memory_total"]), budget_bytes=parse_bytes(d["budget"]),
+            reserve_bytes=parse_bytes(d.get("reserve", "0")), compute_dtype=d["compute_dtype"],
+            bits=tuple(int(b) for b in d["bits"]),
+            max_batch=int(lim.get("max_batch", 16)), max_seq=int(lim.get("max_seq", 256)),
+            max_rank=int(lim.get("max_rank", 32)), min_batch=int(lim.get("min_batch", 1)),
+            min_seq=int(lim.get("min_seq", 16)), min_rank=int(lim.get("min_rank", 1)), path=str(path))
+    except KeyError as e:
+        raise UserError(f"profile {path}: missing key {e.args[0]}") from None
+    if p.device not in ("cpu", "cuda") or not set(p.bits) <= set(BITS_BYTES) or not p.bits:
+        raise UserError(f"profile {path}: device must be cpu or cuda, bits a list from 4, 8, 16, 32")
+    return p
+
+
+def list_profiles() -> list[Profile]:
+    d = profiles_dir()
+    return [_parse_profile(f) for f in sorted(d.glob("*.toml"))] if d.is_dir() else []
+
+
+def load_profile(name: str) -> Profile:
+    """A profile by name (file stem in the profiles folder) or by path to a .toml file."""
+    if name.endswith(".toml") and Path(name).is_file():
+        return _parse_profile(Path(name))
+    for p in list_profiles():
+        if p.name == name:
+            return p
+    names = ", ".join(p.name for p in list_profiles()) or f"none found in {profiles_dir()}"
+    raise UserError(f"unknown profile {name!r}; available: {names}")
+
+
+def _halvings(top: int, bottom: int) -> list[int]:
+    out, v = [], top
+    while v >= bottom:
+        out.append(v)
+        if v == bottom:
+            break
+        v = max(v // 2, bottom)
+    return out
+
+
+def _fits(shape, s: Setting, profile: Profile, task: str, calibration) -> tuple[bool, int]:
+    need = int(estimate_bytes(shape, s, profile.device, task, calibration) * (calibration or {}).get(
+        "safety", CALIBRATION["safety"])) + profile.reserve_bytes
+    return need <= profile.budget_bytes, need
+
+
+def choose(shape: ModelShape, profile: Profile, want: Setting, task: str = "classification",
+           calibration: dict | None = None) -> tuple[Setting, int]:
+    """The most preferred setting (at most ``want``, within the profile's limits) that fits.
+
+    Order: the profile's bits preference first; at each bits, the largest batch x seq (the run
+    the user asked for, then halving batch before seq), then rank. Returns (setting, estimate).
+    """
+    batch_top = max(min(want.batch, profile.max_batch), profile.min_batch)
+    seq_top = max(min(want.seq, profile.max_seq), profile.min_seq)
+    rank_top = max(min(want.rank, profile.max_rank), profile.min_rank)
+    for bits in profile.bits:
+        shapes = [(b, q) for q in _halvings(seq_top, profile.min_seq) for b in _halvings(batch_top, profile.min_batch)]
+        shapes.sort(key=lambda bq: (-(bq[0] * bq[1]), -bq[1]))
+        for b, q in shapes:
+            for r in _halvings(rank_top, profile.min_rank):
+                s = Setting(bits, b, q, r)
+                ok, need = _fits(shape, s, profile, task, calibration)
+                if ok:
+                    return s, need
+    smallest = Setting(min(profile.bits, key=lambda b: BITS_BYTES[b]), profile.min_batch, profile.min_seq,
+                       profile.min_rank)
+    _, need = _fits(shape, smallest, profile, task, calibration)
+    others = [p.name for p in list_profiles() if p.name != profile.name and
+              any(_fits(shape, dataclasses.replace(smallest, bits=b), p, task, calibration)[0] for b in p.bits)]
+    from .memory import fmt_bytes
+
+    raise UserError(
+        f"the model ({shape.params / 1e6:.0f}M parameters) does not fit profile {profile.name} "
+        f"(budget {fmt_bytes(profile.budget_bytes)}): even {smallest.bits}-bit, batch {smallest.batch}, "
+        f"seq {smallest.seq}, rank {smallest.rank} needs about {fmt_bytes(need)}. "
+        + (f"It would fit: {', '.join(others)}." if others else
+           "No listed profile fits it; use a smaller model or a device with more memory."))
+
+
+def apply_profile(cfg):
+    """TuneConfig with bits, batch size, max length and rank chosen to fit ``cfg.profile``.
+
+    The values in ``cfg`` are upper bounds (what the user asked for); the profile only lowers them.
+    """
+    import logging
+
+    from .memory import fmt_bytes
+
+    profile = load_profile(cfg.profile)
+    shape = ModelShape.from_model(cfg.model, cfg.targets, cfg.layers)
+    task = "classification" if cfg.task in ("rotten-tomatoes", "classification") else cfg.task
+    s, need = choose(shape, profile, Setting(cfg.bits, cfg.batch_size, cfg.max_length, cfg.rank), task)
+    logging.getLogger(__name__).info(
+        "profile %s: --bits %d --batch-size %d --max-length %d --rank %d (estimated peak %s of %s)", profile.name,
+        s.bits, s.batch, s.seq, s.rank, fmt_bytes(need), fmt_bytes(profile.budget_bytes))
+    device = cfg.device if cfg.device != "auto" else profile.device
+    return dataclasses.replace(cfg, bits=s.bits, batch_size=s.batch, max_length=s.seq, rank=s.rank, device=device)
+
+
+def describe_profiles(profiles: list[Profile]) -> str:
+    from .memory import fmt_bytes
+
+    if not profiles:
+        return f"no profiles found in {profiles_dir()}"
+    rows = [f"{'name':24s} {'device':6s} {'budget':>10s}  {'bits':8s} {'dtype':6s} description"]
+    for p in profiles:
+        rows.append(f"{p.name:24s} {p.device:6s} {fmt_bytes(p.budget_bytes):>10s}  "
+                    f"{','.join(map(str, p.bits)):8s} {p.compute_dtype:6s} {p.description}")
+    return "\n".join(rows)

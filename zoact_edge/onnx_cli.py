@@ -1,0 +1,89 @@
+"""CLI commands for exported ONNX models: ``export``, ``generate`` and ``eval --onnx``.
+
+Kept apart from ``cli.py`` so the ONNX commands (and their optional dependencies) stay in one
+place; ``cli.py`` only registers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def add_onnx_parsers(sub) -> None:
+    ex = sub.add_parser(
+        "export", argument_default=argparse.SUPPRESS,
+        help="merge a tuned adapter and write a standalone ONNX model with KV cache",
+        description="Merge delta W = B P^T into the base weights, export an ONNX decoder with KV cache plus "
+                    "tokenizer and config, and check its logits against PyTorch (fails above --tolerance). "
+                    "Run it with `zoact-edge generate --onnx DIR` or `zoact-edge eval --onnx DIR`.",
+    )
+    ex.add_argument("--adapter", metavar="DIR", required=True, help="run folder written by tune")
+    ex.add_argument("--out", metavar="DIR", required=True, help="folder to write the ONNX model to")
+    ex.add_argument("--int4", action="store_true", help="quantize the weight MatMuls to int4 (ORT MatMulNBits)")
+    ex.add_argument("--block-size", type=int, metavar="N", help="int4 quantization block size (default: 32)")
+    ex.add_argument("--tolerance", type=float, metavar="T",
+                    help="largest allowed |logit difference| of the fp32 export vs PyTorch, relative to the "
+                         "largest |logit| (default: 1e-4)")
+    ex.add_argument("--eval-samples", type=int, metavar="N",
+                    help="validation examples for the int4 accuracy report (default: 200; 0: all)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    gen = sub.add_parser(
+        "generate", argument_default=argparse.SUPPRESS,
+        help="print a greedy completion from an exported ONNX model",
+        description="Greedy decoding with the exported model and its KV cache (onnxruntime + numpy only).",
+    )
+    gen.add_argument("--onnx", metavar="DIR", required=True, help="folder written by export")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate (default: 32)")
+
+
+def cmd_export(args: dict) -> int:
+    from .export import export
+
+    block = args.get("block_size", 32)
+    if block < 16 or block & (block - 1):
+        raise UserError("--block-size must be a power of two >= 16")
+    report = export(args["adapter"], args["out"], int4=args.get("int4", False), tolerance=args.get("tolerance", 1e-4),
+                    block_size=block, overwrite=args.get("overwrite", False),
+                    eval_samples=args.get("eval_samples", 200))
+    print(json.dumps({"out": args["out"], **report}, indent=2))
+    return 0
+
+
+def cmd_generate(args: dict) -> int:
+    from .onnx_runtime import generate_text
+
+    n = args.get("max_new_tokens", 32)
+    if n < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    print(generate_text(args["onnx"], args["prompt"], n))
+    return 0
+
+
+def cmd_eval_onnx(folder: str, args: dict, eval_fields, split: str, json_out: str | None) -> int:
+    """``eval --onnx DIR``: the task (by default the one the adapter was tuned on) on the export."""
+    from .config import TuneConfig, build_config
+    from .models import load_tokenizer
+    from .onnx_runtime import OnnxDecoder, evaluate_onnx
+    from .tasks import build_task
+
+    decoder = OnnxDecoder(folder)
+    saved_path = Path(folder) / "run_config.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    base_values = {k: saved[k] for k in eval_fields if k in saved}
+    base_values.pop("model", None)
+    args.pop("model", None)
+    cfg = build_config(TuneConfig, base_values, args)
+    task, splits = build_task(cfg, load_tokenizer(folder))
+    examples = splits.get(split)[: cfg.eval_samples or None]
+    metrics = evaluate_onnx(decoder, task, examples, cfg.eval_batch_size)
+    result = {"split": split, "onnx": folder, **metrics}
+    print(json.dumps(result, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return 0
