@@ -22,15 +22,16 @@ def _mib(n):
 
 def table() -> str:
     rows = [
-        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS | code, notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in sorted((ROOT / "docs" / "results").glob("default-*.json")):
         s = json.loads(path.read_text())
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
         rows.append(
             f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min | {_mib(s['peak_rss_bytes'])} |"
+            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min | {_mib(s.get('peak_rss_bytes'))} "
+            f"| {s.get('code', '')} {s.get('note', '')} |"
         )
     return "\n".join(rows)
 
