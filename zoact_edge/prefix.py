@@ -14,21 +14,21 @@ least two dimensions (a 1-D ``cache_position`` of length T == N is left alone).
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Iterable
 
 import torch
 from torch import nn
 
-_BLOCK = re.compile(r"\.(\d+)\.")
+from .targets import BLOCK_INDEX
+
 
 
 def adapted_blocks(model: nn.Module, adapter_names: Iterable[str]) -> list[nn.Module]:
     """The blocks from the first adapted one to the end of its stack (empty if none is found)."""
     found = []
     for name in adapter_names:
-        m = _BLOCK.search(name)
+        m = BLOCK_INDEX.search(name)
         if m is not None:
             found.append((name[: m.start()], int(m.group(1))))
     if not found:

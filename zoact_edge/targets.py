@@ -16,7 +16,7 @@ from torch import nn
 from .errors import UserError
 from .layer import ZOActLinear
 
-_BLOCK = re.compile(r"\.(\d+)\.")
+BLOCK_INDEX = re.compile(r"\.(\d+)\.")  # "model.layers.12.mlp" -> 12: the repeated-block index
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -61,7 +61,7 @@ def find_targets(model: nn.Module, patterns: str | None = None, layers: str | No
     for name, module in model.named_modules():
         if not is_linear_like(module) or module is head or isinstance(module, ZOActLinear):
             continue
-        m = _BLOCK.search(name)
+        m = BLOCK_INDEX.search(name)
         if m is None:  # outside the repeated blocks (e.g. OPT's project_in/out)
             continue
         block = int(m.group(1))
