@@ -93,3 +93,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Quantized copies of tiny models go to a per-session temp cache, never the user's cache.
     monkeypatch.setenv("ZOACT_CACHE", str(tmp_path_factory.getbasetemp() / "zoact-cache"))
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation, and on a busy machine a lot of it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

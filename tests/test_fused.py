@@ -16,13 +16,7 @@ from zoact_edge.zo import estimate, estimate_batches, forward_plan, write_gradie
 EPS = 1e-2  # large enough that + and - losses differ visibly, so a sign mix-up cannot pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second thread only adds synchronisation, and on a busy machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS = {}

@@ -1,19 +1,25 @@
-"""Regenerate the README "Results" table from the committed run summaries.
+"""Regenerate the README "Results" tables from the committed JSON results.
 
-Usage: python tools/readme_results.py            # rewrites the block between the markers
+Usage: python tools/readme_results.py            # rewrites the blocks between the markers
 
-Each ``docs/results/default-*.json`` is a ``summary.json`` written by ``zoact-edge tune`` (plus the
-command that produced it), so the README never carries a number typed by hand.
+* ``docs/results/default-*.json``: each a ``summary.json`` written by ``zoact-edge tune`` (plus the
+  command that produced it);
+* ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``.
+
+So the README never carries a number typed by hand.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
 
 
 def _mib(n):
@@ -36,12 +42,61 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def _ms(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def forwards_to_reach(records: list[dict], target: float) -> int | None:
+    """First evaluated budget where the seed-mean validation accuracy reaches ``target``."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_convergence import mean_curve
+
+    for forwards, mean, _ in mean_curve(records):
+        if mean >= target - 1e-12:
+            return forwards
+    return None
+
+
+def convergence_table(data: dict) -> str:
+    rows = ["| task | method | seeds | forwards | test acc. (%) | val acc. (%) | forwards to MeZO's final val acc. "
+            "| wall time / run | s/step | settings |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    recs = data.get("records", [])
+    for task in sorted({r["task"] for r in recs}):
+        mezo = [r for r in recs if r["task"] == task and r["method"] == "mezo"]
+        target = statistics.mean(r["val_accuracy"] for r in mezo) if mezo else None
+        for method in ("zoact", "subspace", "mezo", "fo-lora"):
+            rs = [r for r in recs if r["task"] == task and r["method"] == method]
+            if not rs:
+                continue
+            reach = forwards_to_reach(rs, target) if target is not None else None
+            reach_txt = "n/a" if target is None else (f"{reach}" if reach is not None else f"> {rs[0]['forwards']}")
+            settings = ", ".join(f"{k} {v:g}" for k, v in rs[0]["settings"].items())
+            rows.append(
+                f"| {task} | {method} | {len(rs)} | {rs[0]['forwards']} | {_ms([r['test_accuracy'] for r in rs])} "
+                f"| {_ms([r['val_accuracy'] for r in rs])} | {reach_txt} "
+                f"| {statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} min "
+                f"| {statistics.mean(r['seconds_per_step'] for r in rs):.2f} | {settings} |"
+            )
+    return "\n".join(rows)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    block = f"{begin}\n{body}\n{end}"
+    return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = f"{BEGIN}\n{table()}\n{END}"
-    new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    readme.write_text(new)
+    text = _replace(readme.read_text(), BEGIN, END, table())
+    conv = ROOT / "docs" / "results" / "convergence.json"
+    if conv.exists() and CBEGIN in text:
+        text = _replace(text, CBEGIN, CEND, convergence_table(json.loads(conv.read_text())))
+    readme.write_text(text)
 
 
 if __name__ == "__main__":

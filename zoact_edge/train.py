@@ -34,7 +34,8 @@ from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_mem
 from .models import load_model
 from .paths import atomic_write
 from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
-from .prefix import adapted_blocks, make_loss_terms
+from .prefix import PrefixCache, adapted_blocks, make_loss_terms
+from .subspace import fold_and_resample, input_groups, random_bases
 from .tasks import build_task, hidden_states
 from .zo import apply_update, derive_seed, estimate_batches, zo_step
 
@@ -78,7 +79,7 @@ def make_optimizer(params, cfg: TuneConfig) -> torch.optim.Optimizer:
 
 def adapter_dtype(cfg: TuneConfig, device: torch.device) -> torch.dtype:
     if cfg.adapter_dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return torch.float32 if device.type == "cpu" or cfg.backend == "ort" else torch.float16
     return DTYPES[cfg.adapter_dtype]
 
 
@@ -119,10 +120,19 @@ def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | 
 
 def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     t_start = time.time()
+    cfg = cfg.resolved()
     if cfg.profile:  # bits / batch / length / rank lowered until the estimate fits the profile's budget
         from .fit import apply_profile
 
         cfg = apply_profile(cfg)
+    if cfg.method in ("mezo", "fo-lora"):  # the baselines: same data, eval and outputs, own loop
+        from .baseline_train import tune_baseline
+
+        return tune_baseline(cfg, resume)
+    if cfg.backend == "ort" and cfg.bits not in (4, 32):  # refused now, not after a minute of calibration
+        raise UserError(f"--backend ort runs the frozen model in fp32 or, with --bits 4, as int4 MatMulNBits; not --bits {cfg.bits}")
+    if cfg.resample_every and (resume or cfg.backend != "torch"):
+        raise UserError("--resample-every runs need --backend torch and cannot be resumed (the folded weights are not checkpointed)")
     ranks = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank; else rank 0 of 1
     main = ranks.is_main  # only the main rank writes files
     if cfg.backend != "torch" and (cfg.fused or cfg.accum_steps > 1 or ranks.active):
@@ -136,7 +146,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     else:
         out, existed = Path(os.devnull), True  # never written to: every write below is main-rank only
 
-    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
+    # --backend ort exports the fp32 model and quantizes the graph itself (--bits 4: int4 MatMulNBits)
+    loaded = load_model(cfg.model, 32 if cfg.backend == "ort" else cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
     task, splits = build_task(cfg, loaded.tokenizer)
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
@@ -150,8 +161,14 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     tune_meter = Meter(device)
     tune_meter.start()
 
-    def run_eval(desc):
-        metrics = evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
+    ort_loss = None  # --backend ort: once built, evaluations run the (possibly int4) graph too
+
+    def run_eval(desc, examples=None):
+        examples = eval_set if examples is None else examples
+        if ort_loss is not None:
+            metrics = ort_loss.evaluate(task, examples, cfg.eval_batch_size, desc=desc)
+        else:
+            metrics = evaluate(model, task, examples, cfg.eval_batch_size, device, desc=desc)
         release_free_memory()
         return metrics
 
@@ -161,9 +178,17 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         if set(P) != {t.name for t in found}:
             raise UserError(f"--resume {resume}: the checkpoint's layers do not match this model/targets")
         layers = inject_adapters(model, found, P, B, dtype, device)
+        cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
         if main:
             _truncate_metrics(out / "metrics.jsonl", start_step)
+    elif cfg.method == "subspace":  # the ablation: random orthonormal bases, same groups and layers
+        t0 = time.time()
+        first = _calibration_batches(cfg, task, splits.train, device)[0]
+        groups = input_groups({t.name: model.get_submodule(t.name) for t in found}, lambda: _forward_only(model, first))
+        bases = random_bases(groups, {t.name: t.d_in for t in found}, cfg.rank, cfg.seed)
+        basis_seconds = time.time() - t0
+        del first
     else:
         calib = _calibration_batches(cfg, task, splits.train, device)
         t0 = time.time()
@@ -177,8 +202,13 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         )
         basis_seconds = time.time() - t0
         del calib
+    if not resume:
         release_free_memory()
         layers = inject_adapters(model, found, bases, None, dtype, device)
+        # Built before anything is written: it refuses unsupported architectures.
+        cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
+        if cfg.backend == "ort":
+            ort_loss = _ort_loss(model, task, layers, splits, loaded.folder, device, cfg.bits)
         zero_shot = run_eval("zero-shot eval")
         start_step, opt_state = 0, None
         # Only now, with the inputs validated, does anything get written.
@@ -197,15 +227,15 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
     # they save little (tools/bench_step.py measures it) and they double activation memory.
     fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
-    loss_terms = make_loss_terms(model, task, adapted_blocks(model, layers) if cfg.share_prefix else None)
+    loss_terms = make_loss_terms(model, task, adapted_blocks(model, layers) if cfg.share_prefix else None, cache)
     reduce_losses = distributed.loss_reducer(ranks, device)  # sums 4 x queries scalars over ranks
     per_rank = cfg.batch_size * cfg.accum_steps
+    forwards_per_step = 2 * cfg.queries * cfg.accum_steps * ranks.world_size  # batch-sized forwards, all ranks
+    folded: dict = {}  # subspace resampling: earlier (P, B) pairs, already merged into the weights
     batch_holder = {}
 
     if cfg.backend == "ort":  # the same loss, evaluated by ONNX Runtime at the layers' B +/- eps Z
-        from .onnx_backend import build_ort_loss
-
-        ort_loss = build_ort_loss(model, task, layers, task.collate(splits.train[:2]), loaded.folder, device, cfg.bits)
+        ort_loss = ort_loss or _ort_loss(model, task, layers, splits, loaded.folder, device, cfg.bits)  # resumed runs
 
         def loss_fn() -> float:
             return ort_loss.loss(batch_holder["batch"])
@@ -228,12 +258,16 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
                 # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
                 idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed)
                 idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
-                micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]]).to(device)
+                micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])
+                         .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
                          for s in range(0, per_rank, cfg.batch_size)]
                 lr = cfg.lr * lr_factor(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_seed = derive_seed(cfg.seed, step)
+                if cfg.resample_every and step and step % cfg.resample_every == 0:
+                    fold_and_resample(layers, groups, cfg.rank, cfg.seed, step // cfg.resample_every, folded)
+                    optimizer.state.clear()  # Adam moments of the old coordinates mean nothing now
                 if cfg.backend == "torch":
                     res = estimate_batches(order, loss_terms, micro, step_seed, cfg.eps, cfg.queries,
                                            fused, cfg.fuse_queries, reduce_losses)
@@ -241,7 +275,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
                 else:
                     batch_holder["batch"] = micro[0]
                     res = zo_step(order, loss_fn, optimizer, step_seed, cfg.eps, cfg.queries)
-                record = {"step": step + 1, "loss": res.loss if res.finite else None, "lr": lr,
+                record = {"step": step + 1, "forwards": (step + 1) * forwards_per_step,
+                          "loss": res.loss if res.finite else None, "lr": lr,
                           "projected_grad": res.projected, "skipped": not res.finite, "time": round(time.time() - t_start, 3)}
                 if not res.finite:
                     bad_in_a_row += 1
@@ -268,13 +303,17 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
 
     # ---- final evaluation and outputs
     final = run_eval("final eval")
+    test = run_eval("test eval", splits.test) if cfg.test_eval else None
     if main:
-        adapter_io.save_peft(out, layers, loaded.folder)
+        adapter_io.save_peft(out, layers, loaded.folder, folded)
     checkpoint(cfg.steps)
     summary = {
+        "method": cfg.method,
         "zero_shot": zero_shot,
         "tuned": final,
+        **({"test": test} if test is not None else {}),
         "steps": cfg.steps,
+        "forwards": cfg.steps * forwards_per_step,
         "trainable_params": sum(l.B.numel() for l in order),
         "adapted_layers": len(order),
         "basis_seconds": round(basis_seconds, 2),
@@ -287,6 +326,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         "device": str(device),
         "fused": fused,
         "examples_per_step": per_rank * ranks.world_size,
+        **({"prefix_cache": cache.stats()} if cache is not None else {}),
         **tune_peak_summary(tune_meter.stop(), yardstick, probe.input_ids.shape),
     }
     if main:
@@ -297,6 +337,13 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _ort_loss(model, task, layers, splits, model_folder, device, bits):
+    """``--backend ort``: the loss graph of these adapters in ONNX Runtime (exported once, cached)."""
+    from .onnx_backend import build_ort_loss
+
+    return build_ort_loss(model, task, layers, task.collate(splits.train[:2]), model_folder, device, bits)
 
 
 def _forward_only(model, batch) -> None:
@@ -345,6 +392,10 @@ def describe(summary: dict) -> str:
         lines.append(f"validation accuracy: zero-shot {z['accuracy']:.4f} -> tuned {t['accuracy']:.4f} "
                      f"({100 * (t['accuracy'] - z['accuracy']):+.1f} points, {t['examples']} examples)")
     lines.append(f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}")
+    if "test" in summary:
+        lines.append(f"test: {_fmt_metrics(summary['test'])} ({summary['test']['examples']} examples)")
+    if summary.get("method", "zoact") != "zoact":
+        lines.append(f"method: {summary['method']}  ({summary['forwards']} forwards)")
     lines.append(f"steps: {summary['steps']}  ({summary['seconds_per_step']:.2f} s/step)  "
                  f"wall time this run: {summary['wall_seconds_this_run']:.0f} s")
     lines.append(f"peak memory: RSS {fmt_bytes(summary['peak_rss_bytes'])}"

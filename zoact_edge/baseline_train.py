@@ -1,0 +1,169 @@
+"""The baseline recipes behind ``tune --method mezo`` and ``tune --method fo-lora``.
+
+They exist to compare ZO-Act with what users would otherwise run, in the same harness: the same
+model loading, task, template, batches (the same ``batch_indices`` stream), evaluation,
+``metrics.jsonl`` records (with a ``forwards`` count) and ``summary.json``. Only the step
+differs:
+
+* ``mezo``: MeZO's two-point ZO-SGD on the full weights of the targeted linears, perturbed in
+  place with the seed trick (see :func:`zoact_edge.baselines.mezo_step`). 2 forwards per step.
+* ``fo-lora``: a peft LoRA adapter of the same rank on the same layers, trained by backprop with
+  Adam. 1 forward + 1 backward per step, counted as 3 forwards (a backward costs about two).
+
+Outputs: ``fo-lora`` writes a PEFT adapter (``save_pretrained``); ``mezo`` writes the tuned
+weights of the targeted layers to ``mezo_weights.safetensors`` (load them over the base model
+with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``). Neither is
+resumable and neither runs under torchrun or on the ORT backend: they are reference points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .baselines import add_lora_model, backprop_step, mezo_params, mezo_step
+from .config import TuneConfig
+from .errors import UserError
+from .evaluate import evaluate
+from .memory import peak_cuda_bytes, peak_rss_bytes, release_free_memory
+from .models import load_model
+from .paths import atomic_save_file
+from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
+from .tasks import build_task
+from .zo import derive_seed
+from . import targets as tgt
+
+FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
+
+
+def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
+    from .train import _write_json, batch_indices, lr_factor, make_optimizer, prepare_output
+
+    t_start = time.time()
+    cfg = cfg.resolved()
+    if resume:
+        raise UserError(f"--resume: {cfg.method} runs are baselines and are not resumable (only zoact and subspace are)")
+    unsupported = [flag for flag, on in (("--backend ort", cfg.backend != "torch"), ("--accum-steps", cfg.accum_steps > 1),
+                                         ("--queries", cfg.queries > 1), ("--fused", bool(cfg.fused)), ("--profile", bool(cfg.profile)))
+                   if on]
+    if unsupported:
+        raise UserError(f"--method {cfg.method} does not take {', '.join(unsupported)} (ZO-Act options)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
+    out, existed = prepare_output(cfg)
+
+    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
+    model, device = loaded.model, loaded.device
+    task, splits = build_task(cfg, loaded.tokenizer)
+    names = [t.name for t in tgt.find_targets(model, cfg.targets, cfg.layers)]
+    eval_set = splits.validation[: cfg.eval_samples or None]
+    probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
+    yardstick = inference_peak(model, task, probe, device)
+    meter = Meter(device)
+    meter.start()
+
+    def run_eval(desc):
+        model.eval()
+        metrics = evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
+        release_free_memory()
+        return metrics
+
+    if cfg.method == "mezo":
+        params = mezo_params(model, names)  # refuses 4/8-bit weights with a clear message
+        buffers: list[torch.Tensor] = []
+        trainable = sum(p.numel() for p in params)
+    else:
+        tgt.check_rank(tgt.find_targets(model, cfg.targets, cfg.layers), cfg.rank)
+        peft_model = add_lora_model(model, names, cfg.rank)
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        optimizer = make_optimizer(params, cfg)
+        trainable = sum(p.numel() for p in params)
+    model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
+    zero_shot = run_eval("zero-shot eval")
+    if cfg.overwrite and existed:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+
+    per_step = FORWARDS_PER_STEP[cfg.method]
+    try:
+        t_loop = time.time()
+        bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
+        with open(out / "metrics.jsonl", "a") as metrics:
+            for step in bar:
+                idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
+                batch = task.collate([splits.train[i] for i in idx]).to(device)
+                lr = cfg.lr * lr_factor(step, cfg)
+                record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
+                if cfg.method == "mezo":
+                    def loss_fn():
+                        with torch.inference_mode():
+                            return float(task.loss(model, batch))
+
+                    res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
+                                    cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
+                    loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
+                    record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
+                else:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss = backprop_step(lambda: task.loss(model, batch), optimizer)
+                    record.update(loss=loss, skipped=False)
+                record["time"] = round(time.time() - t_start, 3)
+                if loss is None or loss != loss:
+                    raise UserError(f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else ""))
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                    record["eval"] = run_eval(f"eval @ {step + 1}")
+                    bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+        bar.close()
+    except BaseException:
+        if not existed:  # a failed fresh run leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    loop_seconds = time.time() - t_loop
+
+    final = run_eval("final eval")
+    test = evaluate(model, task, splits.test, cfg.eval_batch_size, device, desc="test eval") if cfg.test_eval else None
+    if cfg.method == "mezo":
+        tensors = {f"{n}.weight": p.detach().float().cpu().contiguous() for n, p in zip(names, params)}
+        atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out / "mezo_weights.safetensors")
+    else:
+        peft_model.peft_config["default"].base_model_name_or_path = loaded.folder
+        staging = out / ".adapter.partial"
+        peft_model.save_pretrained(str(staging))
+        for f in staging.iterdir():  # move complete files into place: never a half-written adapter
+            f.replace(out / f.name)
+        staging.rmdir()
+    summary = {
+        "method": cfg.method,
+        "zero_shot": zero_shot,
+        "tuned": final,
+        **({"test": test} if test is not None else {}),
+        "steps": cfg.steps,
+        "forwards": cfg.steps * per_step,
+        "trainable_params": trainable,
+        "adapted_layers": len(names),
+        "basis_seconds": 0.0,
+        "train_seconds_this_run": round(loop_seconds, 2),
+        "seconds_per_step": round(loop_seconds / max(cfg.steps, 1), 3),
+        "wall_seconds_this_run": round(time.time() - t_start, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": peak_cuda_bytes(),
+        "bits": cfg.bits,
+        "device": str(device),
+        "fused": False,
+        "examples_per_step": cfg.batch_size,
+        **tune_peak_summary(meter.stop(), yardstick, probe.input_ids.shape),
+    }
+    _write_json(out / "summary.json", summary)
+    summary["output"] = str(out)
+    return summary
