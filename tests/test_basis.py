@@ -90,6 +90,29 @@ def test_sketch_on_a_decaying_spectrum_matches_exact_with_few_passes():
     assert np.abs(_projector(P.numpy()) - _projector(Vt[:r].T)).max() < 1e-3
 
 
+def test_sketch_streams_batches_like_one_big_batch():
+    """Accumulating the sketch over four batches (some padded) equals one pass over all real tokens."""
+    d, r = 96, 4
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(4, 10, d, generator=gen) * (0.8 ** torch.arange(d, dtype=torch.float32))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second and fourth batches
+    mask[3, :7] = 0
+    lin = torch.nn.Linear(d, 3)
+
+    class Batch:
+        def __init__(self, x, m):
+            self.x, self.attention_mask = x, m
+
+    cfg = BasisConfig(rank=r, method="sketch", passes=3, oversample=8)
+    streamed = compute_bases({"l": lin}, {"l": d}, [Batch(X[i:i + 1], mask[i:i + 1]) for i in range(4)],
+                             lambda b: lin(b.x), cfg)["l"]
+    real = X[mask.bool()]  # only the real tokens, as one unpadded batch
+    whole = compute_bases({"l": lin}, {"l": d}, [Batch(real[None], torch.ones(1, len(real)))],
+                          lambda b: lin(b.x), cfg)["l"]
+    assert np.abs(_projector(streamed.numpy()) - _projector(whole.numpy())).max() < 1e-4
+
+
 def test_padding_is_masked_out(tokenizer):
     """One left-padded batch gives the same basis as the same examples unpadded, one by one."""
     model = make_model("llama", len(tokenizer))

@@ -54,6 +54,23 @@ def test_held_state_and_transients_are_told_apart():
     del held
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak reset")
+def test_sub_phase_peaks_are_told_apart_and_the_method_peak_is_their_max():
+    meter = Meter(torch.device("cpu"))
+    meter.start()
+    x = torch.ones(200 * MiB // 4)  # like the basis passes: a big transient, freed before the next part
+    del x
+    meter.split("basis")
+    y = torch.ones(60 * MiB // 4)  # like the steps: a smaller one
+    raw = meter.stop("steps")
+    del y
+    over = {k: v["rss_peak_bytes"] - raw["rss_resident_bytes"] for k, v in raw["phase_peaks"].items()}
+    assert list(over) == ["basis", "steps"]
+    assert over["basis"] == pytest.approx(200 * MiB, rel=0.10)
+    assert over["steps"] == pytest.approx(60 * MiB, rel=0.15)  # the basis transient is not carried over
+    assert raw["rss_peak_bytes"] == raw["phase_peaks"]["basis"]["rss_peak_bytes"]
+
+
 def test_adam_state_is_counted_exactly():
     p = torch.nn.Parameter(torch.zeros(1000, 10))
     opt = torch.optim.Adam([p], lr=1e-3)
@@ -111,8 +128,13 @@ def test_profile_command_writes_the_report(model_dirs, tmp_path, capsys):
     found = tgt.find_targets(load_model(str(model_dirs["llama"]), 32, device="cpu").model)
     assert methods["fo-lora"]["breakdown"]["adapters"] == sum(4 * (t.d_in + t.d_out) * 4 for t in found)
     assert methods["zoact"]["trainable_params"] == sum(t.d_out * 4 for t in found)
+    # zoact says which part set its peak: the basis passes or the steps.
+    phases = methods["zoact"]["phase_peaks"]
+    assert list(phases) == ["basis", "steps"]
+    assert methods["zoact"]["peak_bytes"] == max(v["rss_peak_bytes"] for v in phases.values())
     md = (out / "report.md").read_text()
     assert all(f"| {m} |" in md for m in methods) and "not applicable" in md
+    assert "Peak by part, zoact: basis passes" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "zoact" in capsys.readouterr().out
 
@@ -167,6 +189,8 @@ def test_cuda_profile_reports_allocator_and_device_figures(model_dirs):
         c = e["cuda"]
         assert 0 < c["max_allocated_bytes"] <= c["max_reserved_bytes"] <= c["device_total_bytes"]
         assert e["peak_bytes"] == c["max_reserved_bytes"]
+    phases = r["methods"]["zoact"]["phase_peaks"]
+    assert r["methods"]["zoact"]["peak_bytes"] == max(v["max_reserved_bytes"] for v in phases.values())
 
 
 # --------------------------------------------------------------------------- estimator and device profiles

@@ -30,13 +30,13 @@ from .errors import UserError
 # Calibration from `zoact-edge profile` on the default model (SmolLM2-135M, CPU, 2 cores; see
 # docs/profile-default/*/report.json; fit.calibrate derives these from them, a test checks it).
 # runtime_cpu: resident RSS after loading minus the weights, for 16/32-bit models and for 4/8-bit
-# ones (bitsandbytes' kernels and buffers add ~100 MiB). act_bytes_per_token_width: the zoact
+# ones (bitsandbytes' kernels and buffers add ~45 MiB). act_bytes_per_token_width: the zoact
 # method's "activations + transients" divided by batch x seq x (hidden + intermediate), the
 # widest per-token tensors of a decoder block.
 CALIBRATION = {
-    "runtime_cpu_bytes": 404965888,
-    "runtime_cpu_quantized_bytes": 508388736,
-    "act_bytes_per_token_width": 76.54,
+    "runtime_cpu_bytes": 404748800,
+    "runtime_cpu_quantized_bytes": 451331456,
+    "act_bytes_per_token_width": 53.52,
     "cuda_runtime_bytes": 0,  # the CUDA context sits outside the allocator: profiles give it as `reserve`
     "safety": 1.10,  # estimates are multiplied by this before comparing with a budget
 }

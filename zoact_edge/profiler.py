@@ -183,6 +183,7 @@ class Meter:
         release_free_memory()
         self.resident = current_rss_bytes()
         self.hwm_reset = reset_peak_rss()
+        self.splits: dict[str, dict] = {}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -191,20 +192,53 @@ class Meter:
             self.cuda_outside = (total - free) - self.cuda_resident  # context, other libraries
             self.cuda_total = total
 
-    def stop(self) -> dict:
+    def _peaks(self) -> dict:
+        """Peaks since the last reset: RSS, and on CUDA the allocator's."""
         import torch
 
-        from .memory import peak_rss_bytes, phase_peak_rss_bytes
+        from .memory import phase_peak_rss_bytes
 
-        out = {"rss_resident_bytes": self.resident, "rss_peak_bytes": phase_peak_rss_bytes(),
-               "process_peak_rss_bytes": peak_rss_bytes(), "peak_scope": "phase" if self.hwm_reset else "process"}
+        peaks = {"rss_peak_bytes": phase_peak_rss_bytes()}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            peaks["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            peaks["max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        return peaks
+
+    def split(self, name: str) -> None:
+        """End sub-phase ``name`` of the method: keep its peaks and start the high-water marks afresh.
+
+        This tells which part of a method sets its peak (ZO-Act: the basis passes or the steps).
+        :meth:`stop` still reports the whole method's peak, the largest over all sub-phases.
+        """
+        import torch
+
+        from .memory import reset_peak_rss
+
+        self.splits[name] = self._peaks()
+        self.hwm_reset = reset_peak_rss() and self.hwm_reset
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self, last: str | None = None) -> dict:
+        """The method's figures; with sub-phases (:meth:`split`), ``last`` names the final one."""
+        import torch
+
+        from .memory import peak_rss_bytes
+
+        final = self._peaks()
+        segments = [*self.splits.values(), final]
+        peak = {k: max(seg[k] for seg in segments) for k in final}
+        out = {"rss_resident_bytes": self.resident, "rss_peak_bytes": peak["rss_peak_bytes"],
+               "process_peak_rss_bytes": peak_rss_bytes(), "peak_scope": "phase" if self.hwm_reset else "process"}
+        if self.splits:
+            out["phase_peaks"] = {**self.splits, (last or "rest"): final}
+        if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
             out["cuda"] = {
                 "resident_bytes": self.cuda_resident,
-                "max_allocated_bytes": torch.cuda.max_memory_allocated(),
-                "max_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "max_allocated_bytes": peak["max_allocated_bytes"],
+                "max_reserved_bytes": peak["max_reserved_bytes"],
                 "outside_allocator_bytes": self.cuda_outside,
                 "device_used_bytes": total - free,
                 "device_total_bytes": total,
@@ -309,7 +343,7 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
         with torch.inference_mode():
             info["loss"] = float(task.loss(model, batch))
     elif method == "zoact":
-        info.update(_zoact(spec, model, task, batch, found, device, sizes))
+        info.update(_zoact(spec, model, task, batch, found, device, sizes, meter))
     elif method == "mezo":
         from .baselines import mezo_params, mezo_step
         from .zo import derive_seed
@@ -339,14 +373,18 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
         info["trainable_params"] = sum(p.numel() for p in params)
     else:
         raise UserError(f"unknown method {method!r}")
-    measured = meter.stop()
+    measured = meter.stop("steps" if method == "zoact" else None)
     measured.update(sizes=sizes, setup_seconds=round(t1 - t0, 2), method_seconds=round(time.time() - t1, 2),
                     pid=os.getpid(), **info)
     return measured
 
 
-def _zoact(spec, model, task, batch, found, device, sizes) -> dict:
-    """A real ZO-Act start: basis passes on the batch, adapters, Adam, ``steps`` ZO steps."""
+def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
+    """A real ZO-Act start: basis passes on the batch, adapters, Adam, ``steps`` ZO steps.
+
+    The meter is split after the basis passes, so the report tells whether they or the steps
+    (adapters, optimizer state, perturbed forwards) set the peak.
+    """
     import torch
 
     from .basis import BasisConfig, compute_bases
@@ -362,6 +400,7 @@ def _zoact(spec, model, task, batch, found, device, sizes) -> dict:
     bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
                           [batch], forward, BasisConfig(rank=spec.rank, seed=spec.seed))
     release_free_memory()  # as tune does between the basis passes and the steps
+    meter.split("basis")  # after the trim: the steps' high-water mark starts from what is in use
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     layers = list(inject_adapters(model, found, bases, None, dtype, device).values())
     del bases
@@ -521,7 +560,20 @@ def report_markdown(report: dict) -> str:
     lines += ["", "Breakdown columns are MiB. runtime = resident RSS after loading minus the weights (interpreter, "
               "libraries, allocator); activations + transients = peak minus resident minus the adapter, optimizer "
               "and gradient tensors.", ""]
+    lines += [line for name, e in report["methods"].items() if (line := _phases_line(name, e, s["device"]))]
     return "\n".join(lines)
+
+
+def _phases_line(name: str, entry: dict, device_type: str) -> str | None:
+    """'zoact: basis passes peak ... MiB, steps peak ... MiB': which part of a method sets its peak."""
+    phases = entry.get("phase_peaks")
+    if entry.get("status") != "ok" or not phases:
+        return None
+    key = "max_reserved_bytes" if device_type == "cuda" else "rss_peak_bytes"
+    words = {"basis": "basis passes", "steps": "adapters, optimizer and steps"}
+    parts = [f"{words.get(p, p)} {_mib(seg[key])} MiB (+{_mib(seg[key] - entry['resident_bytes'])} over resident)"
+             for p, seg in phases.items()]
+    return f"Peak by part, {name}: " + "; ".join(parts) + ".\n"
 
 
 def report_png(report: dict, path: Path) -> None:
