@@ -209,3 +209,14 @@ def test_method_refusals(model_dirs, tmp_path, capsys):
     assert _run([*base, "--method", "fo-lora", "--queries", 2, "--output", tmp_path / "c"]) == 2
     assert "--queries" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_lr_default_depends_on_the_method():
+    from zoact_edge.config import DEFAULT_LR, TuneConfig
+    from zoact_edge.train import make_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert make_optimizer(p, TuneConfig()).param_groups[0]["lr"] == DEFAULT_LR["zoact"] == 1e-3
+    assert make_optimizer(p, TuneConfig(method="fo-lora")).param_groups[0]["lr"] == DEFAULT_LR["fo-lora"]
+    assert make_optimizer(p, TuneConfig(lr=5e-4)).param_groups[0]["lr"] == 5e-4
+    assert TuneConfig(method="mezo").resolved().lr == 1e-6

@@ -72,6 +72,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 def make_optimizer(params, cfg: TuneConfig) -> torch.optim.Optimizer:
+    cfg = cfg.resolved()  # the method's default lr when --lr was not given
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
