@@ -31,7 +31,7 @@ from .baselines import add_lora_model, backprop_step, mezo_params, mezo_step
 from .config import TuneConfig
 from .errors import UserError
 from .evaluate import evaluate
-from .memory import peak_cuda_bytes, peak_rss_bytes, release_free_memory
+from .memory import release_free_memory
 from .models import load_model
 from .paths import atomic_save_file
 from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
@@ -43,7 +43,7 @@ FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwar
 
 
 def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
-    from .train import _write_json, batch_indices, lr_factor, make_optimizer, prepare_output
+    from .train import _write_json, batch_indices, lr_factor, make_optimizer, prepare_output, run_costs
 
     t_start = time.time()
     cfg = cfg.resolved()
@@ -61,7 +61,8 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
     task, splits = build_task(cfg, loaded.tokenizer)
-    names = [t.name for t in tgt.find_targets(model, cfg.targets, cfg.layers)]
+    found = tgt.find_targets(model, cfg.targets, cfg.layers)
+    names = [t.name for t in found]
     eval_set = splits.validation[: cfg.eval_samples or None]
     probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
     yardstick = inference_peak(model, task, probe, device)
@@ -79,7 +80,7 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         buffers: list[torch.Tensor] = []
         trainable = sum(p.numel() for p in params)
     else:
-        tgt.check_rank(tgt.find_targets(model, cfg.targets, cfg.layers), cfg.rank)
+        tgt.check_rank(found, cfg.rank)
         peft_model = add_lora_model(model, names, cfg.rank)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         optimizer = make_optimizer(params, cfg)
@@ -153,11 +154,7 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         "trainable_params": trainable,
         "adapted_layers": len(names),
         "basis_seconds": 0.0,
-        "train_seconds_this_run": round(loop_seconds, 2),
-        "seconds_per_step": round(loop_seconds / max(cfg.steps, 1), 3),
-        "wall_seconds_this_run": round(time.time() - t_start, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": peak_cuda_bytes(),
+        **run_costs(loop_seconds, cfg.steps, t_start),
         "bits": cfg.bits,
         "device": str(device),
         "fused": False,

@@ -318,11 +318,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         "trainable_params": sum(l.B.numel() for l in order),
         "adapted_layers": len(order),
         "basis_seconds": round(basis_seconds, 2),
-        "train_seconds_this_run": round(loop_seconds, 2),
-        "seconds_per_step": round(loop_seconds / max(cfg.steps - start_step, 1), 3),
-        "wall_seconds_this_run": round(time.time() - t_start, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": peak_cuda_bytes(),
+        **run_costs(loop_seconds, cfg.steps - start_step, t_start),
         "bits": cfg.bits,
         "device": str(device),
         "fused": fused,
@@ -378,6 +374,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _write_json(path: Path, obj) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
+
+
+def run_costs(loop_seconds: float, steps_run: int, t_start: float) -> dict:
+    """Time and peak-memory fields every method's summary.json shares."""
+    return {
+        "train_seconds_this_run": round(loop_seconds, 2),
+        "seconds_per_step": round(loop_seconds / max(steps_run, 1), 3),
+        "wall_seconds_this_run": round(time.time() - t_start, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": peak_cuda_bytes(),
+    }
 
 
 def _fmt_metrics(m: dict) -> str:
