@@ -62,8 +62,8 @@ class TuneConfig:
     basis_passes: int = opt(3, "calibration passes for the sketch estimator (>= 2; more = closer to exact)")
     adapter_dtype: str = opt("auto", "dtype of bases and coefficients: auto = fp32 on CPU, fp16 on GPU", ["auto", "fp32", "fp16", "bf16"])
     # ZO step and optimizer
-    steps: int = opt(150, "ZO steps (each costs 2 x queries forwards)")
-    batch_size: int = opt(16, "training examples per step")
+    steps: int = opt(300, "ZO steps (each costs 2 x queries forwards)")
+    batch_size: int = opt(8, "training examples per step (on CPU, more small steps beat fewer large ones at equal time: ZO noise, not batch noise, dominates)")
     eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see models._keep_cpu_4bit_in_fp32)")
     queries: int = opt(1, "random directions averaged per step")
     fused: bool | None = opt(None, "evaluate each +/- pair as one forward of 2 x batch rows, sharing the frozen matmuls "
