@@ -48,3 +48,11 @@ def test_table_reports_forwards_to_reach_mezos_final_accuracy():
     rows = {line.split("|")[2].strip(): line for line in readme_results.convergence_table(data).splitlines()[2:]}
     assert "| 100 |" in rows["zoact"] and "| 200 |" in rows["mezo"] and "| > 200 |" in rows["subspace"]
     assert "69.0 ± 1.0" in rows["zoact"] and "59.0 ± 1.0" in rows["mezo"]
+
+
+def test_sweep_table_marks_the_chosen_setting_per_method():
+    recs = [dict(_rec("zoact", 0, [[0, 0.5], [300, acc]], None), settings={"lr": lr, "eps": 1e-3})
+            for lr, acc in ((5e-4, 0.66), (1e-3, 0.71), (2e-3, 0.69))]
+    data = {"records": recs, "best": {"t/zoact": {"lr": 1e-3, "eps": 1e-3}}}
+    (row,) = readme_results.sweep_table(data).splitlines()[2:]
+    assert "lr 0.0005, eps 0.001: 0.660; **lr 0.001, eps 0.001: 0.710**; lr 0.002, eps 0.001: 0.690" in row

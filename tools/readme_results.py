@@ -4,7 +4,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 
 * ``docs/results/default-*.json``: each a ``summary.json`` written by ``zoact-edge tune`` (plus the
   command that produced it);
-* ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``.
+* ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``;
+* ``docs/results/sweep.json``: its learning-rate sweep (validation split only).
 
 So the README never carries a number typed by hand.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
+SBEGIN, SEND = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 
 
 def _mib(n):
@@ -85,6 +87,25 @@ def convergence_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_table(data: dict) -> str:
+    """One row per (task, method): the validation accuracy of each grid point; the chosen one in bold."""
+    rows = ["| task | method | forwards | validation accuracy per setting (chosen in bold) |", "| --- | --- | --- | --- |"]
+    recs = data.get("records", [])
+    best = data.get("best", {})
+    for task in sorted({r["task"] for r in recs}):
+        for method in ("zoact", "subspace", "mezo", "fo-lora"):
+            rs = [r for r in recs if r["task"] == task and r["method"] == method]
+            if not rs:
+                continue
+            cells = []
+            for r in sorted(rs, key=lambda r: sorted(r["settings"].items())):
+                label = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items())
+                cell = f"{label}: {r['val_accuracy']:.3f}"
+                cells.append(f"**{cell}**" if best.get(f"{task}/{method}") == r["settings"] else cell)
+            rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {'; '.join(cells)} |")
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -96,6 +117,9 @@ def main() -> None:
     conv = ROOT / "docs" / "results" / "convergence.json"
     if conv.exists() and CBEGIN in text:
         text = _replace(text, CBEGIN, CEND, convergence_table(json.loads(conv.read_text())))
+    sweep = ROOT / "docs" / "results" / "sweep.json"
+    if sweep.exists() and SBEGIN in text:
+        text = _replace(text, SBEGIN, SEND, sweep_table(json.loads(sweep.read_text())))
     readme.write_text(text)
 
 
