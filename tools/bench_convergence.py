@@ -48,6 +48,11 @@ GRID = {
 }
 
 
+def spent(method: str, budget: int) -> int:
+    """Forwards a run of ``method`` really uses under ``budget``: whole steps only."""
+    return budget // FORWARDS_PER_STEP[method] * FORWARDS_PER_STEP[method]
+
+
 def run_one(method: str, task: str, seed: int, budget: int, points: int, settings: dict, args, test: bool) -> dict:
     steps = budget // FORWARDS_PER_STEP[method]
     every = max(1, steps // points)
@@ -102,26 +107,32 @@ def sweep(args) -> None:
     data = _load(path)
     for method in args.methods.split(","):
         for settings in GRID[method]:
-            done = [r for r in data["records"] if r["method"] == method and r["task"] == args.task
-                    and r["settings"] == settings and r["forwards"] == args.budget // FORWARDS_PER_STEP[method] * FORWARDS_PER_STEP[method]]
-            if done:
+            if any(r["method"] == method and r["task"] == args.task and r["settings"] == settings
+                   and r["forwards"] == spent(method, args.budget) for r in data["records"]):
                 continue
             rec = run_one(method, args.task, 0, args.budget, args.points, settings, args, test=False)
             data["records"].append(rec)
             _save(path, data)
             print(f"{method} {settings}: val {rec['val_accuracy']:.3f} ({rec['wall_seconds']:.0f} s)", flush=True)
-    best = {}
-    for r in data["records"]:
-        key = (r["task"], r["method"])
+    print(json.dumps(best_settings(data["records"]), indent=1))
+
+
+def best_settings(records: list[dict]) -> dict:
+    """``"task/method"`` -> the settings of the sweep record with the highest validation accuracy.
+
+    Derived from the records every time rather than stored beside them, so a record added by hand
+    or by another sweep process can never leave a stale choice behind.
+    """
+    best: dict = {}
+    for r in records:
+        key = f"{r['task']}/{r['method']}"
         if key not in best or r["val_accuracy"] > best[key]["val_accuracy"]:
             best[key] = r
-    data["best"] = {f"{t}/{m}": r["settings"] for (t, m), r in sorted(best.items())}
-    _save(path, data)
-    print(json.dumps(data["best"], indent=1))
+    return {k: r["settings"] for k, r in sorted(best.items())}
 
 
 def chosen_settings(method: str, task: str, sweep_file: Path) -> dict:
-    best = _load(sweep_file).get("best", {})
+    best = best_settings(_load(sweep_file)["records"])
     if f"{task}/{method}" in best:
         return best[f"{task}/{method}"]
     if f"rotten-tomatoes/{method}" in best:  # a task without its own sweep borrows the default task's
@@ -137,7 +148,7 @@ def run(args) -> None:
             for method in args.methods.split(","):
                 settings = chosen_settings(method, task, Path(args.sweep_file))
                 if any(r["method"] == method and r["task"] == task and r["seed"] == seed and r["settings"] == settings
-                       and r["forwards"] == args.budget // FORWARDS_PER_STEP[method] * FORWARDS_PER_STEP[method]
+                       and r["forwards"] == spent(method, args.budget)
                        for r in data["records"]):
                     continue
                 rec = run_one(method, task, seed, args.budget, args.points, settings, args, test=True)

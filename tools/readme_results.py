@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_convergence import METHODS, best_settings, mean_curve  # noqa: E402
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
 SBEGIN, SEND = "<!-- sweep:begin -->", "<!-- sweep:end -->"
@@ -54,9 +57,6 @@ def _ms(values) -> str:
 
 def forwards_to_reach(records: list[dict], target: float) -> int | None:
     """First evaluated budget where the seed-mean validation accuracy reaches ``target``."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_convergence import mean_curve
-
     for forwards, mean, _ in mean_curve(records):
         if mean >= target - 1e-12:
             return forwards
@@ -71,7 +71,7 @@ def convergence_table(data: dict) -> str:
     for task in sorted({r["task"] for r in recs}):
         mezo = [r for r in recs if r["task"] == task and r["method"] == "mezo"]
         target = statistics.mean(r["val_accuracy"] for r in mezo) if mezo else None
-        for method in ("zoact", "subspace", "mezo", "fo-lora"):
+        for method in METHODS:
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
@@ -91,9 +91,9 @@ def sweep_table(data: dict) -> str:
     """One row per (task, method): the validation accuracy of each grid point; the chosen one in bold."""
     rows = ["| task | method | forwards | validation accuracy per setting (chosen in bold) |", "| --- | --- | --- | --- |"]
     recs = data.get("records", [])
-    best = data.get("best", {})
+    best = best_settings(recs)
     for task in sorted({r["task"] for r in recs}):
-        for method in ("zoact", "subspace", "mezo", "fo-lora"):
+        for method in METHODS:
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
