@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -16,7 +18,7 @@ def test_convergence_runs_every_method_at_the_same_forward_budget(model_dirs, tm
     argv = ["run", "--model", str(model_dirs["llama"]), "--methods", "zoact,fo-lora", "--tasks", "rotten-tomatoes",
             "--seeds", "0", "--budget", "12", "--points", "2", "--batch-size", "4", "--eval-samples", "16",
             "--extra", "--rank 4 --max-length 24 --calib-samples 8", "--sweep-file", str(tmp_path / "none.json"),
-            "--output", str(out), "--plot", str(plot)]
+            "--sealed-file", str(tmp_path / "sealed.json"), "--output", str(out), "--plot", str(plot)]
     bench_convergence.main(argv)
     records = json.loads(out.read_text())["records"]
     assert [(r["method"], r["forwards"], r["steps"]) for r in records] == [("zoact", 12, 6), ("fo-lora", 12, 4)]
@@ -29,6 +31,41 @@ def test_convergence_runs_every_method_at_the_same_forward_budget(model_dirs, tm
     before = out.read_text()
     bench_convergence.main(argv)  # everything is already there: nothing runs again
     assert out.read_text() == before
+
+
+def test_sweep_brackets_a_new_task_from_the_first_ones_choice_and_seals_test(tmp_path, monkeypatch):
+    """--start-from: the neighbours of the first task's choice, then outward until bracketed; test kept apart."""
+    grid = [s["lr"] for s in bench_convergence.GRID["subspace"]]  # 5e-4 .. 8e-3
+    val = {"rotten-tomatoes": dict(zip(grid, (0.5, 0.6, 0.7, 0.6, 0.5))),  # peak at grid[2]
+           "tweets": dict(zip(grid, (0.5, 0.4, 0.45, 0.6, 0.8)))}  # rises to the grid's end
+    calls = []
+
+    def fake_run_one(method, task, seed, budget, points, settings, args, test):
+        calls.append((task, seed, settings["lr"]))
+        acc = val[task][settings["lr"]] + 0.01 * seed
+        return {"method": method, "task": task, "seed": seed, "forwards": bench_convergence.spent(method, budget),
+                "val_accuracy": acc, "test_accuracy": acc - 0.05 if test else None, "curve": [[0, 0.4], [300, acc]],
+                "wall_seconds": 1.0, "settings": settings, "batch_size": args.batch_size,
+                "eval_samples": args.eval_samples, "bits": args.bits or 32}
+
+    monkeypatch.setattr(bench_convergence, "run_one", fake_run_one)
+    files = ["--sweep-file", str(tmp_path / "sweep.json"), "--sealed-file", str(tmp_path / "sealed.json")]
+    bench_convergence.main(["sweep", "--task", "rotten-tomatoes", "--methods", "subspace", *files])
+    assert [c[2] for c in calls] == grid  # no --start-from: the whole grid
+    calls.clear()
+    bench_convergence.main(["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files])
+    assert [c[2] for c in calls] == [grid[1], grid[2], grid[3], grid[4]]  # rt's choice +- 1, then up to the end
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["records"]
+    assert all(r["test_accuracy"] is None for r in sweep)  # what the choice is read from has no test figure
+    assert bench_convergence.best_settings(sweep)["tweets/subspace"]["lr"] == grid[4]
+
+    calls.clear()
+    out = tmp_path / "conv.json"
+    bench_convergence.main(["run", "--tasks", "tweets", "--methods", "subspace", "--seeds", "0,1", *files,
+                            "--output", str(out), "--plot", str(tmp_path / "conv.png")])
+    assert calls == [("tweets", 1, grid[4])]  # seed 0 is the sweep's own run at the chosen setting, not redone
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["seed"], r["test_accuracy"]) for r in recs] == [(0, 0.75), (1, 0.76)]
 
 
 def _rec(method, seed, curve, test):
@@ -50,9 +87,17 @@ def test_table_reports_forwards_to_reach_mezos_final_accuracy():
     assert "69.0 ± 1.0" in rows["zoact"] and "59.0 ± 1.0" in rows["mezo"]
 
 
+
+def test_table_refuses_runs_of_one_method_at_two_settings():
+    """Averaging seeds trained at different learning rates would be a meaningless row."""
+    data = {"records": [_rec("zoact", 0, [[0, 0.5], [200, 0.7]], 0.7),
+                        dict(_rec("zoact", 1, [[0, 0.5], [200, 0.6]], 0.6), settings={"lr": 2e-3})]}
+    with pytest.raises(SystemExit, match="more than one setting"):
+        readme_results.convergence_table(data)
+
 def test_sweep_table_marks_the_chosen_setting_per_method():
     recs = [dict(_rec("zoact", 0, [[0, 0.5], [300, acc]], None), settings={"lr": lr, "eps": 1e-3})
             for lr, acc in ((5e-4, 0.66), (1e-3, 0.71), (2e-3, 0.69))]
-    data = {"records": recs, "best": {"t/zoact": {"lr": 1e-3, "eps": 1e-3}}}
+    data = {"records": recs}
     (row,) = readme_results.sweep_table(data).splitlines()[2:]
     assert "lr 0.0005, eps 0.001: 0.660; **lr 0.001, eps 0.001: 0.710**; lr 0.002, eps 0.001: 0.690" in row

@@ -75,6 +75,9 @@ def convergence_table(data: dict) -> str:
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
+            if len({json.dumps(r["settings"], sort_keys=True) for r in rs}) > 1:
+                raise SystemExit(f"convergence.json holds {task}/{method} runs at more than one setting; "
+                                 "keep only the runs at the sweep's choice")
             reach = forwards_to_reach(rs, target) if target is not None else None
             reach_txt = "n/a" if target is None else (f"{reach}" if reach is not None else f"> {rs[0]['forwards']}")
             settings = ", ".join(f"{k} {v:g}" for k, v in rs[0]["settings"].items())
