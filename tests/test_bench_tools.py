@@ -87,13 +87,13 @@ def test_table_reports_forwards_to_reach_mezos_final_accuracy():
     assert "69.0 ± 1.0" in rows["zoact"] and "59.0 ± 1.0" in rows["mezo"]
 
 
-
 def test_table_refuses_runs_of_one_method_at_two_settings():
     """Averaging seeds trained at different learning rates would be a meaningless row."""
     data = {"records": [_rec("zoact", 0, [[0, 0.5], [200, 0.7]], 0.7),
                         dict(_rec("zoact", 1, [[0, 0.5], [200, 0.6]], 0.6), settings={"lr": 2e-3})]}
     with pytest.raises(SystemExit, match="more than one setting"):
         readme_results.convergence_table(data)
+
 
 def test_sweep_table_marks_the_chosen_setting_per_method():
     recs = [dict(_rec("zoact", 0, [[0, 0.5], [300, acc]], None), settings={"lr": lr, "eps": 1e-3})

