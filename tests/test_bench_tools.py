@@ -33,16 +33,19 @@ def test_convergence_runs_every_method_at_the_same_forward_budget(model_dirs, tm
     assert out.read_text() == before
 
 
-def test_sweep_brackets_a_new_task_from_the_first_ones_choice_and_seals_test(tmp_path, monkeypatch):
-    """--start-from: the neighbours of the first task's choice, then outward until bracketed; test kept apart."""
+def test_sweep_brackets_a_new_task_from_the_first_ones_choice_then_sweeps_eps_and_seals_test(tmp_path, monkeypatch):
+    """--start-from: the neighbours of the first task's choice, then outward until bracketed; then
+    eps at the chosen lr; test kept apart."""
     grid = [s["lr"] for s in bench_convergence.GRID["subspace"]]  # 5e-4 .. 8e-3
     val = {"rotten-tomatoes": dict(zip(grid, (0.5, 0.6, 0.7, 0.6, 0.5))),  # peak at grid[2]
            "tweets": dict(zip(grid, (0.5, 0.4, 0.45, 0.6, 0.8)))}  # rises to the grid's end
+    eps_bonus = {"rotten-tomatoes": {1e-3: 0.0, 1e-4: 0.0, 1e-2: -0.1},  # a tie with 1e-4: 1e-3 stays
+                 "tweets": {1e-3: 0.0, 1e-4: -0.1, 1e-2: 0.05}}  # 1e-2 wins
     calls = []
 
     def fake_run_one(method, task, seed, budget, points, settings, args, test):
-        calls.append((task, seed, settings["lr"]))
-        acc = val[task][settings["lr"]] + 0.01 * seed
+        calls.append((task, seed, settings["lr"], settings["eps"]))
+        acc = val[task][settings["lr"]] + eps_bonus[task][settings["eps"]] + 0.01 * seed
         return {"method": method, "task": task, "seed": seed, "forwards": bench_convergence.spent(method, budget),
                 "val_accuracy": acc, "test_accuracy": acc - 0.05 if test else None, "curve": [[0, 0.4], [300, acc]],
                 "wall_seconds": 1.0, "settings": settings, "batch_size": args.batch_size,
@@ -51,21 +54,30 @@ def test_sweep_brackets_a_new_task_from_the_first_ones_choice_and_seals_test(tmp
     monkeypatch.setattr(bench_convergence, "run_one", fake_run_one)
     files = ["--sweep-file", str(tmp_path / "sweep.json"), "--sealed-file", str(tmp_path / "sealed.json")]
     bench_convergence.main(["sweep", "--task", "rotten-tomatoes", "--methods", "subspace", *files])
-    assert [c[2] for c in calls] == grid  # no --start-from: the whole grid
+    # no --start-from: the whole lr grid at eps 1e-3, then the other eps values at the winner's lr
+    assert [c[2:] for c in calls] == [(lr, 1e-3) for lr in grid] + [(grid[2], 1e-4), (grid[2], 1e-2)]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["records"]
+    assert bench_convergence.best_settings(sweep)["rotten-tomatoes/subspace"] == {"lr": grid[2], "eps": 1e-3}
     calls.clear()
     bench_convergence.main(["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files])
-    assert [c[2] for c in calls] == [grid[1], grid[2], grid[3], grid[4]]  # rt's choice +- 1, then up to the end
+    # rt's choice +- 1, then up to the end; then eps at the end
+    assert [c[2:] for c in calls] == [(lr, 1e-3) for lr in grid[1:]] + [(grid[4], 1e-4), (grid[4], 1e-2)]
     sweep = json.loads((tmp_path / "sweep.json").read_text())["records"]
     assert all(r["test_accuracy"] is None for r in sweep)  # what the choice is read from has no test figure
-    assert bench_convergence.best_settings(sweep)["tweets/subspace"]["lr"] == grid[4]
-
+    assert bench_convergence.best_settings(sweep)["tweets/subspace"] == {"lr": grid[4], "eps": 1e-2}
     calls.clear()
+    bench_convergence.main(["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files])
+    assert calls == []  # a finished sweep runs nothing again, even with an eps-stage choice
+
+    # a better run at another scale (batch 8, not this invocation's 16) is not a choice for this one
+    other = dict(next(r for r in sweep if r["task"] == "tweets"), batch_size=8, val_accuracy=0.99)
+    (tmp_path / "sweep.json").write_text(json.dumps({"records": sweep + [other]}))
     out = tmp_path / "conv.json"
     bench_convergence.main(["run", "--tasks", "tweets", "--methods", "subspace", "--seeds", "0,1", *files,
                             "--output", str(out), "--plot", str(tmp_path / "conv.png")])
-    assert calls == [("tweets", 1, grid[4])]  # seed 0 is the sweep's own run at the chosen setting, not redone
+    assert calls == [("tweets", 1, grid[4], 1e-2)]  # seed 0 is the sweep's own run at the chosen setting, not redone
     recs = json.loads(out.read_text())["records"]
-    assert [(r["seed"], r["test_accuracy"]) for r in recs] == [(0, 0.75), (1, 0.76)]
+    assert [(r["seed"], round(r["test_accuracy"], 6)) for r in recs] == [(0, 0.8), (1, 0.81)]
 
 
 def _rec(method, seed, curve, test):
@@ -96,8 +108,12 @@ def test_table_refuses_runs_of_one_method_at_two_settings():
 
 
 def test_sweep_table_marks_the_chosen_setting_per_method():
-    recs = [dict(_rec("zoact", 0, [[0, 0.5], [300, acc]], None), settings={"lr": lr, "eps": 1e-3})
-            for lr, acc in ((5e-4, 0.66), (1e-3, 0.71), (2e-3, 0.69))]
-    data = {"records": recs}
-    (row,) = readme_results.sweep_table(data).splitlines()[2:]
-    assert "lr 0.0005, eps 0.001: 0.660; **lr 0.001, eps 0.001: 0.710**; lr 0.002, eps 0.001: 0.690" in row
+    """The lr stage (eps 1e-3) and the eps stage (at the lr stage's best lr) side by side."""
+    recs = [dict(_rec("zoact", 0, [[0, 0.5], [300, acc]], None), settings={"lr": lr, "eps": eps})
+            for lr, eps, acc in ((5e-4, 1e-3, 0.66), (1e-3, 1e-3, 0.71), (2e-3, 1e-3, 0.69),
+                                 (1e-3, 1e-4, 0.72), (1e-3, 1e-2, 0.60))]
+    recs.append(dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.8]], None), settings={"lr": 1e-3}))
+    zoact, fo_lora = readme_results.sweep_table({"records": recs}).splitlines()[2:]
+    assert zoact.endswith("| lr 0.0005: 0.660; lr 0.001: 0.710; lr 0.002: 0.690 "
+                          "| **lr 0.001, eps 0.0001: 0.720**; lr 0.001, eps 0.001: 0.710; lr 0.001, eps 0.01: 0.600 |")
+    assert fo_lora.endswith("| **lr 0.001: 0.800** | — |")

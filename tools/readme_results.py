@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_convergence import METHODS, best_settings, mean_curve  # noqa: E402
+from bench_convergence import GRID, METHODS, best_settings, mean_curve  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
@@ -91,21 +91,32 @@ def convergence_table(data: dict) -> str:
 
 
 def sweep_table(data: dict) -> str:
-    """One row per (task, method): the validation accuracy of each grid point; the chosen one in bold."""
-    rows = ["| task | method | forwards | validation accuracy per setting (chosen in bold) |", "| --- | --- | --- | --- |"]
+    """One row per (task, method): the lr stage's points, then the eps stage's; the chosen one in bold.
+
+    The two stages get a column each because they are read differently: the lr column is the grid
+    at eps 1e-3, the eps column holds eps 1e-4 / 1e-3 / 1e-2 at the lr that won the first.
+    """
+    rows = ["| task | method | forwards | validation accuracy per lr (ZO methods: eps 1e-3) "
+            "| per eps, at the best lr (chosen in bold) |", "| --- | --- | --- | --- | --- |"]
     recs = data.get("records", [])
     best = best_settings(recs)
+
+    def cell(r: dict, label: str) -> str:
+        text = f"{label}: {r['val_accuracy']:.3f}"
+        return f"**{text}**" if best.get(f"{r['task']}/{r['method']}") == r["settings"] else text
+
     for task in sorted({r["task"] for r in recs}):
         for method in METHODS:
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
-            cells = []
-            for r in sorted(rs, key=lambda r: sorted(r["settings"].items())):
-                label = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items())
-                cell = f"{label}: {r['val_accuracy']:.3f}"
-                cells.append(f"**{cell}**" if best.get(f"{task}/{method}") == r["settings"] else cell)
-            rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {'; '.join(cells)} |")
+            lr_stage = sorted((r for r in rs if r["settings"] in GRID[method]), key=lambda r: r["settings"]["lr"])
+            eps_lrs = {r["settings"]["lr"] for r in rs if r["settings"] not in GRID[method]}
+            eps_stage = sorted((r for r in rs if "eps" in r["settings"] and r["settings"]["lr"] in eps_lrs),
+                               key=lambda r: (r["settings"]["lr"], r["settings"]["eps"]))
+            eps_cells = "; ".join(cell(r, "lr %g, eps %g" % (r["settings"]["lr"], r["settings"]["eps"])) for r in eps_stage)
+            lr_cells = "; ".join(cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage)
+            rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {lr_cells} | {eps_cells or '—'} |")
     return "\n".join(rows)
 
 
