@@ -113,7 +113,8 @@ def test_sweep_table_marks_the_chosen_setting_per_method():
             for lr, eps, acc in ((5e-4, 1e-3, 0.66), (1e-3, 1e-3, 0.71), (2e-3, 1e-3, 0.69),
                                  (1e-3, 1e-4, 0.72), (1e-3, 1e-2, 0.60))]
     recs.append(dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.8]], None), settings={"lr": 1e-3}))
+    recs.append(dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.7]], None), settings={"lr": 5e-3}))  # off the grid: still shown
     zoact, fo_lora = readme_results.sweep_table({"records": recs}).splitlines()[2:]
     assert zoact.endswith("| lr 0.0005: 0.660; lr 0.001: 0.710; lr 0.002: 0.690 "
                           "| **lr 0.001, eps 0.0001: 0.720**; lr 0.001, eps 0.001: 0.710; lr 0.001, eps 0.01: 0.600 |")
-    assert fo_lora.endswith("| **lr 0.001: 0.800** | — |")
+    assert fo_lora.endswith("| **lr 0.001: 0.800**; lr 0.005: 0.700 | — |")

@@ -115,7 +115,9 @@ def sweep_table(data: dict) -> str:
             eps_stage = sorted((r for r in rs if "eps" in r["settings"] and r["settings"]["lr"] in eps_lrs),
                                key=lambda r: (r["settings"]["lr"], r["settings"]["eps"]))
             eps_cells = "; ".join(cell(r, "lr %g, eps %g" % (r["settings"]["lr"], r["settings"]["eps"])) for r in eps_stage)
-            lr_cells = "; ".join(cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage)
+            lr_cells = "; ".join([cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage]  # then any run off both
+                                 + [cell(r, ", ".join(f"{k} {v:g}" for k, v in r["settings"].items()))
+                                    for r in rs if r not in lr_stage and r not in eps_stage])
             rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {lr_cells} | {eps_cells or '—'} |")
     return "\n".join(rows)
 
