@@ -44,18 +44,19 @@ METHODS = ("zoact", "subspace", "mezo", "fo-lora")
 FORWARDS_PER_STEP = {"zoact": 2, "subspace": 2, **BASELINE_FORWARDS_PER_STEP}
 # The sweep grids (validation split, seed 0). ZO-Act/subspace train B with Adam; MeZO is SGD on
 # the full weights, where the literature's range is 1e-7..1e-5; LoRA + Adam by backprop 1e-4..1e-3.
+LR_STAGE_EPS = 1e-3  # the ZO methods' eps while their lr is swept
 GRID = {
     # Every method's grid reaches one point past its best so far (docs/results/sweep.json): zoact's
     # lowest point won on tweets, so it got one below; subspace and fo-lora won at their top point
     # on rotten-tomatoes twice, so each got one more above it; mezo 1e-3 diverges.
-    "zoact": [{"lr": lr, "eps": 1e-3} for lr in (2.5e-4, 5e-4, 1e-3, 2e-3)],
-    "subspace": [{"lr": lr, "eps": 1e-3} for lr in (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)],
-    "mezo": [{"lr": lr, "eps": 1e-3} for lr in (1e-6, 1e-5, 1e-4, 1e-3)],
+    "zoact": [{"lr": lr, "eps": LR_STAGE_EPS} for lr in (2.5e-4, 5e-4, 1e-3, 2e-3)],
+    "subspace": [{"lr": lr, "eps": LR_STAGE_EPS} for lr in (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)],
+    "mezo": [{"lr": lr, "eps": LR_STAGE_EPS} for lr in (1e-6, 1e-5, 1e-4, 1e-3)],
     "fo-lora": [{"lr": lr} for lr in (1e-4, 3e-4, 1e-3, 3e-3)],
 }
 # The ZO methods' eps, swept second at the lr chosen above: coordinate-wise, 2 more runs per method
-# and task, where a full lr x eps product would triple the ZO grids (13 runs per task). 1e-3 is in
-# GRID; these are a decade either side. A tie keeps the earlier record, so eps 1e-3 wins ties.
+# and task, where a full lr x eps product would triple the ZO grids (13 runs per task): a decade
+# either side of LR_STAGE_EPS. A tie keeps the earlier record, so LR_STAGE_EPS wins ties.
 EPS = (1e-4, 1e-2)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_convergence import GRID, METHODS, best_settings, mean_curve  # noqa: E402
+from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
@@ -80,7 +80,7 @@ def convergence_table(data: dict) -> str:
                                  "keep only the runs at the sweep's choice")
             reach = forwards_to_reach(rs, target) if target is not None else None
             reach_txt = "n/a" if target is None else (f"{reach}" if reach is not None else f"> {rs[0]['forwards']}")
-            settings = ", ".join(f"{k} {v:g}" for k, v in rs[0]["settings"].items())
+            settings = _label(rs[0]["settings"])
             rows.append(
                 f"| {task} | {method} | {len(rs)} | {rs[0]['forwards']} | {_ms([r['test_accuracy'] for r in rs])} "
                 f"| {_ms([r['val_accuracy'] for r in rs])} | {reach_txt} "
@@ -90,11 +90,16 @@ def convergence_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _label(settings: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in settings.items())
+
+
 def sweep_table(data: dict) -> str:
     """One row per (task, method): the lr stage's points, then the eps stage's; the chosen one in bold.
 
-    The two stages get a column each because they are read differently: the lr column is the grid
-    at eps 1e-3, the eps column holds eps 1e-4 / 1e-3 / 1e-2 at the lr that won the first.
+    The two stages get a column each because they are read differently: the lr column holds every
+    run at ``LR_STAGE_EPS`` (or without an eps), the eps column every eps tried at the lr that won.
+    A run belongs to one stage by its own settings, so one off every grid still gets its cell.
     """
     rows = ["| task | method | forwards | validation accuracy per lr (ZO methods: eps 1e-3) "
             "| per eps, at the best lr (chosen in bold) |", "| --- | --- | --- | --- | --- |"]
@@ -110,14 +115,13 @@ def sweep_table(data: dict) -> str:
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
-            lr_stage = sorted((r for r in rs if r["settings"] in GRID[method]), key=lambda r: r["settings"]["lr"])
-            eps_lrs = {r["settings"]["lr"] for r in rs if r["settings"] not in GRID[method]}
+            lr_stage = sorted((r for r in rs if r["settings"].get("eps", LR_STAGE_EPS) == LR_STAGE_EPS),
+                              key=lambda r: r["settings"]["lr"])
+            eps_lrs = {r["settings"]["lr"] for r in rs if r not in lr_stage}
             eps_stage = sorted((r for r in rs if "eps" in r["settings"] and r["settings"]["lr"] in eps_lrs),
                                key=lambda r: (r["settings"]["lr"], r["settings"]["eps"]))
-            eps_cells = "; ".join(cell(r, "lr %g, eps %g" % (r["settings"]["lr"], r["settings"]["eps"])) for r in eps_stage)
-            lr_cells = "; ".join([cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage]  # then any run off both
-                                 + [cell(r, ", ".join(f"{k} {v:g}" for k, v in r["settings"].items()))
-                                    for r in rs if r not in lr_stage and r not in eps_stage])
+            lr_cells = "; ".join(cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage)
+            eps_cells = "; ".join(cell(r, _label(r["settings"])) for r in eps_stage)
             rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {lr_cells} | {eps_cells or '—'} |")
     return "\n".join(rows)
 
