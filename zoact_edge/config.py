@@ -60,7 +60,7 @@ class TuneConfig:
     calib_samples: int = opt(64, "training examples in the one-shot basis calibration pass")
     basis_method: str = opt("auto", "basis estimator: exact gram (d_in^2 memory) or streamed randomized sketch", ["auto", "gram", "sketch"])
     basis_passes: int = opt(3, "calibration passes for the sketch estimator (>= 2; more = closer to exact)")
-    adapter_dtype: str = opt("auto", "dtype of bases and coefficients: auto = fp32 on CPU, fp16 on GPU", ["auto", "fp32", "fp16", "bf16"])
+    adapter_dtype: str = opt("auto", "dtype of the bases and the adapter matmuls (coefficients B stay fp32): auto = fp32 on CPU, fp16 on GPU", ["auto", "fp32", "fp16", "bf16"])
     # ZO step and optimizer
     steps: int = opt(300, "ZO steps (each costs 2 x queries forwards)")
     batch_size: int = opt(8, "training examples per step (on CPU, more small steps beat fewer large ones at equal time: ZO noise, not batch noise, dominates)")

@@ -7,7 +7,8 @@ The estimate is built from parts the profiler measures separately (``zoact-edge 
 * weights are counted exactly from the model's config (instantiated on the ``meta`` device, no
   memory): the adapted linears at the storage cost of ``bits`` (4-bit: half a byte per weight plus
   one fp32 absmax per 64-weight block), everything else at the compute dtype;
-* adapter state is B, P, B's gradient and two Adam moments, exactly;
+* adapter state is B, P, B's gradient and two Adam moments, exactly (B and its optimizer state
+  are fp32 on every device);
 * runtime (interpreter, torch, allocator) and the activation coefficient are *calibrated* on the
   profiler's measurements of the default model (``docs/profile-default/``), see ``CALIBRATION``.
 
@@ -104,8 +105,8 @@ def estimate_bytes(shape: ModelShape, s: Setting, device: str = "cpu", task: str
     cal = {**CALIBRATION, **(calibration or {})}
     other_bytes = 4 if (device == "cpu" and s.bits != 16) or (device != "cpu" and s.bits == 32) else 2
     weights = shape.adapted_params * BITS_BYTES[s.bits] + shape.other_params * other_bytes
-    adapter_bytes = 4 if device == "cpu" else 2
-    state = (4 * shape.sum_d_out + shape.sum_d_in) * s.rank * adapter_bytes  # B, grad, 2 Adam moments; P
+    basis_bytes = 4 if device == "cpu" else 2  # P in the adapter dtype; B, its gradient and Adam's moments fp32
+    state = (4 * 4 * shape.sum_d_out + basis_bytes * shape.sum_d_in) * s.rank
     tokens = s.batch * s.seq
     act = cal["act_bytes_per_token_width"] * tokens * shape.width
     if task in ("lm", "completion"):  # fp32 logits and their log-softmax, 1024 positions at a time

@@ -91,7 +91,7 @@ class ZOActLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """delta W = B P^T (d_out x d_in), the dense update a LoRA merge adds to W."""
-        return self.B @ self.P.T
+        return self.B @ self.P.T.to(self.B.dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
@@ -105,7 +105,8 @@ class ZOActLinear(nn.Module):
         coeff = self.B
         if self.noise_seed is not None and self.noise_scale != 0.0:
             coeff = coeff + self.noise_scale * noise_like(self.B, self.noise_seed)
-        low = self.project(x) @ coeff.T
+        h = self.project(x)
+        low = h @ coeff.T.to(h.dtype)  # B is fp32 (the trained master copy); the matmul runs in P's dtype
         return out + low.to(out.dtype)
 
     def _grouped_low(self, h: torch.Tensor) -> torch.Tensor:
@@ -127,5 +128,5 @@ class ZOActLinear(nn.Module):
                 drawn[seed] = noise_like(self.B, seed)
             coeffs.append(self.B + scale * drawn[seed])
         stacked = torch.stack(coeffs)  # (G, d_out, r)
-        low = torch.bmm(h.reshape(G, -1, h.shape[-1]), stacked.transpose(1, 2))
+        low = torch.bmm(h.reshape(G, -1, h.shape[-1]), stacked.transpose(1, 2).to(h.dtype))
         return low.reshape(*h.shape[:-1], stacked.shape[1])

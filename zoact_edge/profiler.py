@@ -380,7 +380,7 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
 
 
 def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
-    """A real ZO-Act start: basis passes on the batch, adapters, Adam, ``steps`` ZO steps.
+    """A real ZO-Act start: basis passes on the batch, adapters, Adam, ``steps`` ZO steps as tune takes them.
 
     The meter is split after the basis passes, so the report tells whether they or the steps
     (adapters, optimizer state, perturbed forwards) set the peak.
@@ -390,8 +390,9 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     from .basis import BasisConfig, compute_bases
     from .memory import release_free_memory
     from .tasks import hidden_states
+    from .prefix import adapted_blocks, make_loss_terms
     from .train import inject_adapters
-    from .zo import derive_seed, zo_step
+    from .zo import apply_update, derive_seed, estimate_batches
 
     def forward(b):
         with torch.inference_mode():
@@ -402,16 +403,22 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     release_free_memory()  # as tune does between the basis passes and the steps
     meter.split("basis")  # after the trim: the steps' high-water mark starts from what is in use
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    layers = list(inject_adapters(model, found, bases, None, dtype, device).values())
+    adapters = inject_adapters(model, found, bases, None, dtype, device)
+    layers = list(adapters.values())
     del bases
     opt = torch.optim.Adam([l.B for l in layers], lr=spec.lr)
-    loss = _loss_fn(task, model, batch)
+    # The step tune takes by default on this device: fused +/- rows on CUDA (twice the activation
+    # rows of one forward), two plain forwards on CPU; the frozen prefix shared as tune shares it.
+    fused = device.type == "cuda"
+    loss_terms = make_loss_terms(model, task, adapted_blocks(model, adapters))
     for s in range(spec.steps):
-        res = zo_step(layers, loss, opt, derive_seed(spec.seed, s), spec.eps)
+        seed = derive_seed(spec.seed, s)
+        res = estimate_batches(layers, loss_terms, [batch], seed, spec.eps, fused=fused)
+        apply_update(layers, res, opt, seed)
     sizes["adapters"] = storage_bytes([l.B for l in layers] + [l.P for l in layers])
     sizes["optimizer_state"] = storage_bytes(optimizer_state_tensors(opt))
     sizes["gradients"] = storage_bytes(l.B for l in layers)  # B.grad exists between estimate and step
-    return {"loss": res.loss, "trainable_params": sum(l.B.numel() for l in layers)}
+    return {"loss": res.loss, "trainable_params": sum(l.B.numel() for l in layers), "fused": fused}
 
 
 def child_main(argv: list[str]) -> int:
