@@ -308,3 +308,25 @@ def test_calibration_is_the_one_derived_from_the_committed_reports():
         s = r["settings"]
         est = fit.estimate_bytes(shape, fit.Setting(s["bits"], s["batch"], s["seq"], s["rank"]), "cpu")
         assert est == pytest.approx(r["methods"]["zoact"]["peak_bytes"], rel=0.10), s["bits"]
+
+
+def test_cuda_calibration_is_the_one_derived_from_the_committed_gpu_reports():
+    """fit.py's CUDA figures come from the H200 runs of tools/gpu_check.sh, and reproduce them."""
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        import fit_report
+    finally:
+        sys.path.remove(str(tools))
+    reports = fit_report.gpu_reports()
+    assert len(reports) >= 4
+    derived = fit.calibrate_cuda([(r, shape) for _, r, shape in reports])
+    assert derived == {k: fit.CALIBRATION[k] for k in derived}
+    rows = fit_report.estimates_vs_measured(reports)
+    assert rows and all(1.0 <= r["estimate_over_measured"] <= 1.15 for r in rows), rows
+    # the generated page is the one the committed figures give
+    page = fit_report.markdown(fit_report.fit_table(), fit_report.gpu_summary(reports), reports)
+    assert (tools.parent / "docs" / "gpu.md").read_text() == page

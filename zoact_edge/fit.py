@@ -21,6 +21,7 @@ refuses, saying what would fit instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -38,7 +39,12 @@ CALIBRATION = {
     "runtime_cpu_bytes": 404748800,
     "runtime_cpu_quantized_bytes": 451331456,
     "act_bytes_per_token_width": 53.52,
-    "cuda_runtime_bytes": 0,  # the CUDA context sits outside the allocator: profiles give it as `reserve`
+    # On CUDA, from `profile --device cuda` on an H200 (docs/results/gpu-h200/; fit.calibrate_cuda
+    # derives both, a test checks it): what the allocator holds after loading beyond the weights
+    # (the CUDA context itself sits outside the allocator: device profiles give it as `reserve`),
+    # and the activation coefficient of a fused step with fp16/bf16 activations.
+    "cuda_runtime_bytes": 73468032,
+    "cuda_act_bytes_per_token_width": 25.33,
     "safety": 1.10,  # estimates are multiplied by this before comparing with a budget
 }
 
@@ -108,7 +114,7 @@ def estimate_bytes(shape: ModelShape, s: Setting, device: str = "cpu", task: str
     basis_bytes = 4 if device == "cpu" else 2  # P in the adapter dtype; B, its gradient and Adam's moments fp32
     state = (4 * 4 * shape.sum_d_out + basis_bytes * shape.sum_d_in) * s.rank
     tokens = s.batch * s.seq
-    act = cal["act_bytes_per_token_width"] * tokens * shape.width
+    act = cal["act_bytes_per_token_width" if device == "cpu" else "cuda_act_bytes_per_token_width"] * tokens * shape.width
     if task in ("lm", "completion"):  # fp32 logits and their log-softmax, 1024 positions at a time
         act += 2 * 4 * min(tokens, 1024) * shape.vocab
     if device != "cpu":
@@ -137,6 +143,24 @@ def calibrate(reports: list[dict], shape: ModelShape) -> dict:
     return {"runtime_cpu_bytes": int(runtime[False] or runtime[True]),
             "runtime_cpu_quantized_bytes": int(runtime[True] or runtime[False]),
             "act_bytes_per_token_width": round(act, 2)}
+
+
+def calibrate_cuda(measured: list[tuple[dict, ModelShape]]) -> dict:
+    """``cuda_act_bytes_per_token_width`` from CUDA profiler reports, each with its model's shape.
+
+    Conservative like :func:`calibrate`: the largest values seen for ``zoact``. The runtime is what
+    the allocator holds after loading beyond the weights (cuBLAS workspace, buffers): ~50 MiB.
+    """
+    act, runtime = 0.0, 0
+    for r, shape in measured:
+        e, s = r["methods"]["zoact"], r["settings"]
+        if e.get("status") == "ok" and s["device"] == "cuda":
+            act = max(act, e["breakdown"]["activations_transients"] / (s["batch"] * s["seq"] * shape.width))
+            runtime = max(runtime, e["resident_bytes"] - e["breakdown"]["weights"])
+    if not act:
+        raise UserError("no CUDA zoact measurement in the reports")
+    return {"cuda_runtime_bytes": runtime,
+            "cuda_act_bytes_per_token_width": math.ceil(act * 100) / 100}  # rounded up: never below
 
 
 # --------------------------------------------------------------------------- device profiles
@@ -217,7 +241,8 @@ def _halvings(top: int, bottom: int) -> list[int]:
     return out
 
 
-def _fits(shape, s: Setting, profile: Profile, task: str, calibration) -> tuple[bool, int]:
+def fits(shape, s: Setting, profile: Profile, task: str = "classification", calibration=None) -> tuple[bool, int]:
+    """(whether ``s`` fits ``profile``'s budget, the bytes it needs: estimate x safety + the profile's reserve)."""
     need = int(estimate_bytes(shape, s, profile.device, task, calibration) * (calibration or {}).get(
         "safety", CALIBRATION["safety"])) + profile.reserve_bytes
     return need <= profile.budget_bytes, need
@@ -239,14 +264,14 @@ def choose(shape: ModelShape, profile: Profile, want: Setting, task: str = "clas
         for b, q in shapes:
             for r in _halvings(rank_top, profile.min_rank):
                 s = Setting(bits, b, q, r)
-                ok, need = _fits(shape, s, profile, task, calibration)
+                ok, need = fits(shape, s, profile, task, calibration)
                 if ok:
                     return s, need
     smallest = Setting(min(profile.bits, key=lambda b: BITS_BYTES[b]), profile.min_batch, profile.min_seq,
                        profile.min_rank)
-    _, need = _fits(shape, smallest, profile, task, calibration)
+    _, need = fits(shape, smallest, profile, task, calibration)
     others = [p.name for p in list_profiles() if p.name != profile.name and
-              any(_fits(shape, dataclasses.replace(smallest, bits=b), p, task, calibration)[0] for b in p.bits)]
+              any(fits(shape, dataclasses.replace(smallest, bits=b), p, task, calibration)[0] for b in p.bits)]
     from .memory import fmt_bytes
 
     raise UserError(

@@ -38,13 +38,19 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``) and cached CUDA blocks to the device.
 
     glibc keeps freed tensor memory in its arenas, so after a phase with a different allocation
     pattern (the basis passes, an evaluation) RSS stays hundreds of MB above what is in use. We
     call this between phases, not per step: per-step trimming (or a low mmap threshold) costs up to
     70% step time on CPU for this workload.
+
+    On CUDA the caching allocator keeps freed blocks the same way; ``empty_cache`` hands them back.
+    Between the basis passes and the steps that lowered ZO-Act's peak on an H200 (1.1 B Llama shape,
+    4-bit, batch 8 x 256) from 1324 to 1280 MiB (docs/results/gpu-h200, runs 2 and 3).
     """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     if not sys.platform.startswith("linux"):
         return
     try:
