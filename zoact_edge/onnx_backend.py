@@ -456,8 +456,8 @@ def build_ort_loss(model, task, layers: dict[str, ZOActLinear], example: Batch, 
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--backend ort runs on the CPU or CUDA execution provider, not {device.type}; "
                         "use --device cpu or cuda")
-    if next(iter(layers.values())).B.dtype != torch.float32:
-        raise UserError("--backend ort needs fp32 coefficients; use --adapter-dtype fp32")
+    if next(iter(layers.values())).P.dtype != torch.float32:  # B is fp32 always; P has the adapter dtype
+        raise UserError("--backend ort needs fp32 adapters; use --adapter-dtype fp32")
     providers = cuda_providers(device) if device.type == "cuda" else [CPU_EP]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     path = cached_loss_graph(model, task, layers, example.to(device), model_id, bits)
