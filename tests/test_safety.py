@@ -241,9 +241,26 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(model_dirs, tmp_path, 
     assert _tree(out / "checkpoint") == seen["checkpoint"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
     monkeypatch.setattr(adapter_io, "save_file", real)
-    assert _run(["tune", "--resume", out]) == 0  # the space is back: it continues
+    # what killed writes leave (ours and safetensors' own temp files) goes at the next start
+    orphans = [out / ".metrics.jsonl.x1.tmp", out / ".tmpAbC123", out / ".checkpoint.x2.tmp"]
+    orphans[0].write_text("{")
+    orphans[1].write_bytes(b"\0")
+    orphans[2].mkdir()
+    assert _run(["tune", "--resume", out, "--save-every", "3"]) == 0  # the space is back: it continues
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+    assert not any(p.exists() for p in orphans)
+
+
+def test_a_bug_is_one_line_and_exit_1(monkeypatch, capsys):
+    import zoact_edge.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_eval", broken)
+    assert main(["eval"]) == 1
+    assert "internal error: RuntimeError: boom second line" in _one_error_line(capsys.readouterr().err)
 
 
 def _cli(args, env=None, **kw):

@@ -30,15 +30,16 @@ from .paths import atomic_write
 
 MARKER = ".zoact-run.json"
 LOCK = ".zoact-run.lock"
-# Everything a run writes (fo-lora's peft adapter brings its README.md); atomic writes leave
-# ``.NAME.*.tmp`` files and folders when killed, the fo-lora adapter a ``.adapter.partial`` folder.
+# Everything a run writes (fo-lora's peft adapter brings its README.md). Killed writes leave
+# ``.NAME.*.tmp`` files and folders (ours), ``.tmpXXXXXX`` files (safetensors' own temp files)
+# and a ``.adapter.partial`` folder (fo-lora's adapter).
 RUN_FILES = {MARKER, LOCK, "run_config.json", "metrics.jsonl", "summary.json", "adapter_config.json",
              "adapter_model.safetensors", "mezo_weights.safetensors", "README.md", "checkpoint", ".checkpoint.old"}
 LEFTOVERS = (".adapter.partial",)
 
 
 def _is_leftover(name: str) -> bool:
-    return (name.startswith(".") and name.endswith(".tmp")) or name in LEFTOVERS
+    return (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".tmp") or name in LEFTOVERS
 
 
 def _own(name: str) -> bool:

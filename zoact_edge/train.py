@@ -200,12 +200,14 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         del calib
     if not resume:
         release_free_memory()
+        tune_meter.split("basis")  # the yardstick's phases: see profiler.tune_peak_summary
         layers = inject_adapters(model, found, bases, None, dtype, device)
         # Built before anything is written: it refuses unsupported architectures.
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         if cfg.backend == "ort":
             ort_loss = _ort_loss(model, task, layers, splits, loaded.folder, device, cfg.bits)
         zero_shot = run_eval("zero-shot eval")
+        tune_meter.split("zero-shot eval")
         start_step, opt_state = 0, None
         if main:
             _write_json(run.path / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
@@ -292,6 +294,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
                 checkpoint(step + 1)
     bar.close()
     loop_seconds = time.time() - t_loop
+    tune_meter.split("steps")
 
     # ---- final evaluation and outputs
     final = run_eval("final eval")
@@ -315,7 +318,8 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         "fused": fused,
         "examples_per_step": per_rank * ranks.world_size,
         **({"prefix_cache": cache.stats()} if cache is not None else {}),
-        **tune_peak_summary(tune_meter.stop(), yardstick, probe.input_ids.shape),
+        "eval_batch_size": cfg.eval_batch_size,
+        **tune_peak_summary(tune_meter.stop("final eval"), yardstick, probe.input_ids.shape),
     }
     if main:
         _write_json(run.path / "summary.json", summary)
