@@ -169,6 +169,8 @@ CASES = [  # (id, fragment of the error line, arguments from a Ctx)
     ("resume-before-first-checkpoint", "--overwrite", lambda c: [T, "--resume", c.edit_run_file(".", _no_checkpoint)]),
     ("resume-in-use", "in use by", lambda c: [T, "--resume", c.hold(c.run())]),
     ("export-in-use", "in use by", lambda c: ["export", "--adapter", c.hold(c.run()), "--out", c.out]),
+    ("export-overwrite-user-folder", "only replaces an earlier export",
+     lambda c: ["export", "--adapter", c.run(), "--out", c.user, "--overwrite"]),
     ("eval-corrupt-run-config", "unreadable", lambda c: ["eval", "--adapter", c.edit_run_file(
         "run_config.json", lambda p: p.write_text("{"))]),
     # templates

@@ -197,7 +197,8 @@ class RunDir:
         try:
             message = self.last_good() if isinstance(exc, OSError) else None
             if exc is not None and _checkpoint_step(self.path) is None:
-                self._abandon()
+                with contextlib.suppress(OSError):  # the run's own error is the one to report
+                    self._abandon()
         finally:
             self.release()
         if message:
