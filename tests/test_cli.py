@@ -34,7 +34,12 @@ def test_tune_writes_a_complete_run(model_dirs, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and 0 <= summary["tuned"]["accuracy"] <= 1
     assert summary["peak_rss_bytes"] > 0
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    # no temp files left: only the run's marker and lock are hidden
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".zoact-run.json", ".zoact-run.lock"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (out / "adapter_model.safetensors", out / "checkpoint/coefficients.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f  # the umask decides, not safetensors' 0600
 
 
 def test_every_training_loss_runs_under_inference_mode(model_dirs, tmp_path, monkeypatch):

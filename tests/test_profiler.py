@@ -277,6 +277,11 @@ def test_tune_with_a_profile_applies_its_choice(model_dirs, tmp_path):
     assert summary["tune_peak_bytes"] > 0 and summary["inference_probe_shape"] == [4, 24]
     assert summary["peak_ratio_to_inference"] == pytest.approx(
         summary["tune_peak_bytes"] / summary["inference_peak_bytes"], abs=1e-3)
+    # like profile's zoact: the basis passes and the steps; the evaluations (another batch size) apart
+    phases = summary["tune_phase_peaks"]
+    assert list(phases) == ["basis", "zero-shot eval", "steps", "final eval"]
+    assert summary["tune_peak_bytes"] == max(phases["basis"], phases["steps"])
+    assert summary["eval_peak_bytes"] == max(phases["zero-shot eval"], phases["final eval"])
     tiny = tmp_path / "tiny.toml"
     tiny.write_text(prof.read_text().replace(f'budget = "{budget}"', 'budget = "1MiB"'))
     assert main(["tune", "--model", str(model_dirs["llama"]), "--profile", str(tiny), "--output",

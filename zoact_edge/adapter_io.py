@@ -12,7 +12,10 @@ and the step. Every write is atomic (see ``paths``).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,6 +29,37 @@ from .paths import atomic_dir, atomic_save_file, atomic_write
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 CHECKPOINT = "checkpoint"
+TENSOR_FILES = ("bases.safetensors", "coefficients.safetensors", "optimizer.safetensors")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Atomic safetensors write; its I/O failures (disk full, ...) surface as OSError, like any other write."""
+    try:
+        atomic_save_file(lambda p: save_file(tensors, p, metadata=metadata), path)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN/inf, if any."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise UserError(f"{bad} holds NaN/inf values: refusing to save {what}; lower --lr or --eps")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- PEFT LoRA
@@ -66,7 +100,8 @@ def save_peft(out_dir: Path, layers: dict[str, ZOActLinear], base_model: str,
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat([B.float().cpu() for _, B in pairs], 1).contiguous()
         rank = A.shape[0]
-    atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out_dir / PEFT_WEIGHTS)
+    _refuse_non_finite(tensors, "the adapter")
+    _save_tensors(tensors, out_dir / PEFT_WEIGHTS, {"format": "pt"})
     with atomic_write(out_dir / PEFT_CONFIG) as f:
         json.dump(peft_config(layers, base_model, fan_in_fan_out, rank), f, indent=2)
 
@@ -137,13 +172,16 @@ def save_checkpoint(run_dir: Path, layers: dict[str, ZOActLinear], optimizer, st
         bases[key] = layer.P.detach().cpu().contiguous()
         coeffs[name] = layer.B.detach().cpu().contiguous()
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    with atomic_dir(run_dir / CHECKPOINT) as tmp:
-        save_file(bases, str(tmp / "bases.safetensors"))
-        save_file(coeffs, str(tmp / "coefficients.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(
-            json.dumps({**state, "basis_of": basis_of, "optimizer": opt_meta}, indent=1)
-        )
+    _refuse_non_finite({**coeffs, **opt_tensors}, f"the checkpoint of step {state['step']}")
+    try:
+        with atomic_dir(run_dir / CHECKPOINT) as tmp:
+            for name, tensors in zip(TENSOR_FILES, (bases, coeffs, opt_tensors)):
+                _save_tensors(tensors, tmp / name)
+            sums = {name: _sha256(tmp / name) for name in TENSOR_FILES}  # what resume checks the files against
+            with atomic_write(tmp / "state.json") as f:
+                json.dump({**state, "basis_of": basis_of, "optimizer": opt_meta, "sha256": sums}, f, indent=1)
+    except OSError as e:  # named by the checkpoint it was writing, not by a temp file that is gone
+        raise OSError(e.errno, e.strerror, str(run_dir / CHECKPOINT)) from None
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -161,11 +199,17 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[
         raise UserError(f"no checkpoint to resume in {run_dir}")
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        bases = load_file(str(ckpt / "bases.safetensors"))
-        coeffs = load_file(str(ckpt / "coefficients.safetensors"))
-        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt checkpoint in {ckpt}: {type(e).__name__}: {str(e)[:200]}") from None
-    P = {name: bases[key] for name, key in state.pop("basis_of").items()}
-    opt = _optimizer_from_files(opt_tensors, state.pop("optimizer"))
+        for name, expected in state.pop("sha256", {}).items():  # checkpoints of older versions have none
+            if _sha256(ckpt / name) != expected:
+                raise ValueError(f"{name} changed after it was saved (checksum mismatch)")
+        bases, coeffs, opt_tensors = (load_file(str(ckpt / name)) for name in TENSOR_FILES)
+        bad = non_finite({**bases, **coeffs, **opt_tensors})
+        if bad is not None:
+            raise ValueError(f"{bad} holds NaN/inf values")
+        P = {name: bases[key] for name, key in state.pop("basis_of").items()}
+        opt = _optimizer_from_files(opt_tensors, state.pop("optimizer"))
+        int(state["step"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+        raise UserError(f"corrupt checkpoint in {ckpt}: {why[:200]}; it cannot be resumed") from None
     return state, P, coeffs, opt

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -31,9 +30,10 @@ from .baselines import add_lora_model, backprop_step, mezo_params, mezo_step
 from .config import TuneConfig
 from .errors import UserError
 from .evaluate import evaluate
+from .fit import check_batch_fits
 from .memory import release_free_memory
 from .models import load_model
-from .paths import atomic_save_file
+from .paths import atomic_save_file, file_mode
 from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
 from .tasks import build_task
 from .zo import derive_seed
@@ -43,7 +43,7 @@ FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwar
 
 
 def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
-    from .train import _write_json, batch_indices, lr_factor, make_optimizer, prepare_output, run_costs
+    from .train import claim_output
 
     t_start = time.time()
     cfg = cfg.resolved()
@@ -56,13 +56,21 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         raise UserError(f"--method {cfg.method} does not take {', '.join(unsupported)} (ZO-Act options)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
-    out, existed = prepare_output(cfg)
+    with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
+        summary = _tune_baseline(cfg, run, t_start)
+    summary["output"] = str(run.final)
+    return summary
+
+
+def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
+    from .train import _write_json, batch_indices, lr_factor, make_optimizer, run_costs
 
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
     task, splits = build_task(cfg, loaded.tokenizer)
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
+    check_batch_fits(model.config, found, cfg, device)
     eval_set = splits.validation[: cfg.eval_samples or None]
     probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
     yardstick = inference_peak(model, task, probe, device)
@@ -87,49 +95,42 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         trainable = sum(p.numel() for p in params)
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
-    if cfg.overwrite and existed:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.path
     _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
 
     per_step = FORWARDS_PER_STEP[cfg.method]
-    try:
-        t_loop = time.time()
-        bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
-        with open(out / "metrics.jsonl", "a") as metrics:
-            for step in bar:
-                idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
-                batch = task.collate([splits.train[i] for i in idx]).to(device)
-                lr = cfg.lr * lr_factor(step, cfg)
-                record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
-                if cfg.method == "mezo":
-                    def loss_fn():
-                        with torch.inference_mode():
-                            return float(task.loss(model, batch))
+    t_loop = time.time()
+    bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
+    with open(out / "metrics.jsonl", "a") as metrics:
+        for step in bar:
+            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
+            batch = task.collate([splits.train[i] for i in idx]).to(device)
+            lr = cfg.lr * lr_factor(step, cfg)
+            record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
+            if cfg.method == "mezo":
+                def loss_fn():
+                    with torch.inference_mode():
+                        return float(task.loss(model, batch))
 
-                    res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
-                                    cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
-                    loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
-                    record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
-                else:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    loss = backprop_step(lambda: task.loss(model, batch), optimizer)
-                    record.update(loss=loss, skipped=False)
-                record["time"] = round(time.time() - t_start, 3)
-                if loss is None or loss != loss:
-                    raise UserError(f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else ""))
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                    record["eval"] = run_eval(f"eval @ {step + 1}")
-                    bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-        bar.close()
-    except BaseException:
-        if not existed:  # a failed fresh run leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
+                                cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
+                loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
+                record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = backprop_step(lambda: task.loss(model, batch), optimizer)
+                record.update(loss=loss, skipped=False)
+            record["time"] = round(time.time() - t_start, 3)
+            if loss is None or loss != loss:
+                raise UserError(f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else ""))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                record["eval"] = run_eval(f"eval @ {step + 1}")
+                bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+    bar.close()
     loop_seconds = time.time() - t_loop
 
     final = run_eval("final eval")
@@ -142,6 +143,7 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         staging = out / ".adapter.partial"
         peft_model.save_pretrained(str(staging))
         for f in staging.iterdir():  # move complete files into place: never a half-written adapter
+            os.chmod(f, file_mode())  # safetensors writes 0600 whatever the umask
             f.replace(out / f.name)
         staging.rmdir()
     summary = {
@@ -162,5 +164,5 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
         **tune_peak_summary(meter.stop(), yardstick, probe.input_ids.shape),
     }
     _write_json(out / "summary.json", summary)
-    summary["output"] = str(out)
+    run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary

@@ -17,6 +17,9 @@ from pathlib import Path
 from .config import TuneConfig, build_config, field_type, read_config_file
 from .errors import UserError
 
+# Options --resume accepts with a value other than the run's: they change how the run is watched
+# and saved, never the adapter it produces. Any other option must match run_config.json.
+RESUME_MAY_CHANGE = ("device", "save_every", "eval_every", "eval_batch_size", "test_eval")
 EVAL_FIELDS = ("model", "bits", "quant_type", "device", "trust_remote_code", "task", "data", "text_field",
                "label_field", "labels", "template", "max_length", "eval_samples", "eval_batch_size")
 
@@ -51,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "summary.json and a resumable checkpoint to --output.",
     )
     tune.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of options; CLI options override it")
-    tune.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    tune.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint, with the options "
+                      "it was started with; only " + ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE)
+                      + " may differ (anything else that differs is refused)")
     _add_config_options(tune)
 
     ev = sub.add_parser(
@@ -89,16 +94,41 @@ def cmd_tune(args: dict) -> int:
     resume = args.pop("resume", None)
     file_values = read_config_file(args.pop("config")) if "config" in args else {}
     if resume:
-        run_cfg = Path(resume) / "run_config.json"
-        if not run_cfg.is_file():
-            raise UserError(f"--resume {resume}: not a run folder (no run_config.json)")
-        saved = json.loads(run_cfg.read_text())
+        from .rundir import recover
+
+        recover(Path(resume), f"--resume {resume}")  # an overwrite killed mid-swap leaves the run beside DIR
+        saved = _saved_config(Path(resume), f"--resume {resume}")
         saved.pop("model_folder", None)
+        given = build_config(TuneConfig, {**saved, **file_values}, args)
+        base = build_config(TuneConfig, saved, {})
+        changed = [f.name for f in dataclasses.fields(TuneConfig) if f.name not in RESUME_MAY_CHANGE
+                   and getattr(given, f.name) != getattr(base, f.name)]
+        if changed:
+            flag = changed[0].replace("_", "-")
+            raise UserError(f"--resume {resume} continues the run as it was started: --{flag} is "
+                            f"{getattr(base, changed[0])!r} there, not {getattr(given, changed[0])!r} "
+                            f"(only {', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may change)")
         file_values = {**saved, **file_values}
     cfg = build_config(TuneConfig, file_values, args)
     summary = tune(cfg, resume=resume)
     print(describe(summary))
     return 0
+
+
+def _saved_config(folder: Path, what: str) -> dict:
+    """run_config.json of a run folder, as a dict of options."""
+    path = folder / "run_config.json"
+    if not folder.is_dir():
+        raise UserError(f"{what}: no such run folder")
+    if not path.is_file():
+        raise UserError(f"{what}: not a run folder (no run_config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: unreadable {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{what}: {path} is not a mapping of options")
+    return saved
 
 
 def cmd_eval(args: dict) -> int:
@@ -121,9 +151,8 @@ def cmd_eval(args: dict) -> int:
         return cmd_eval_onnx(args.pop("onnx"), args, EVAL_FIELDS, split, json_out)
     base_values = {}
     if adapter:
-        run_cfg = Path(adapter) / "run_config.json"
-        if run_cfg.is_file():
-            saved = json.loads(run_cfg.read_text())
+        if (Path(adapter) / "run_config.json").is_file():
+            saved = _saved_config(Path(adapter), f"--adapter {adapter}")
             base_values = {k: saved[k] for k in EVAL_FIELDS if k in saved}
         pcfg, pairs = adapter_io.load_peft(Path(adapter))
         if "model" not in base_values and "model" not in args:
@@ -170,12 +199,24 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_profile(args) if ns.command == "profile" else cmd_profiles(args)
         return cmd_eval(args)
-    except UserError as e:
-        print(f"zoact-edge: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # something the user can fix: their input, or their machine (disk, permissions)
+        return _fail(str(e), 2)
+    except OSError as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return _fail(f"{e.strerror or e}{where}", 2)
     except KeyboardInterrupt:
         print("zoact-edge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("ZOACT_TRACEBACK"):
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {e} (set ZOACT_TRACEBACK=1 to see where)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    """Every failure is one line on stderr (exit 2: fix the input or the machine; 1: a bug)."""
+    print("zoact-edge: error: " + " ".join(message.split()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class TuneConfig:
     text_field: str = opt("text", "column/key holding the text")
     label_field: str = opt("label", "column/key holding the label (classification)")
     labels: str | None = opt(None, "verbalizer LABEL:WORD,... e.g. positive:great,negative:terrible (classification)")
-    template: str | None = opt(None, "prompt template with {text}; the label word is scored right after it")
+    template: str | None = opt(None, "prompt template with {text} (its only field; {{ and }} are literal braces); "
+                                     "\\n and \\t are read as newline and tab; the label word is scored right after it")
     max_length: int = opt(64, "maximum tokens per example (prompts are cut from the left, text from the right)")
     # adapters and basis
     targets: str | None = opt(None, "comma-separated name patterns of linears to adapt, e.g. 'q_proj,v_proj' (default: all in the blocks)")
@@ -87,8 +89,10 @@ class TuneConfig:
     eval_batch_size: int = opt(16, "batch size for evaluation (larger is not faster on CPU, and costs memory)")
     save_every: int = opt(25, "write a resumable checkpoint every N steps (0: only at the end)")
     output: str | None = opt(None, "output folder (default: runs/<task>-<date>-<time>)")
-    overwrite: bool = opt(False, "allow writing into a non-empty --output")
-    max_bad_steps: int = opt(10, "abort after this many consecutive non-finite losses")
+    overwrite: bool = opt(False, "replace the zoact-edge run in --output (only a run folder: other folders are refused); "
+                                 "the old run stays until the new one's first checkpoint")
+    max_bad_steps: int = opt(10, "abort after this many consecutive non-finite losses (fewer in short runs: "
+                                 "at most half the steps left)")
 
     def validate(self) -> None:
         checks = [
@@ -96,8 +100,14 @@ class TuneConfig:
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.max_length >= 4, "--max-length must be >= 4"),
-            (self.eps > 0, "--eps must be > 0"),
-            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (math.isfinite(self.eps) and self.eps > 0, "--eps must be a finite number > 0"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr must be a finite number > 0"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be a finite number >= 0"),
+            (math.isfinite(self.momentum) and 0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.max_bad_steps >= 1, "--max-bad-steps must be >= 1"),
+            (self.rank >= 1 and self.steps <= 10**9, "--rank must be >= 1 and --steps at most 1e9"),
+            (self.warmup_steps >= 0 and self.eval_samples >= 0 and self.cache_prefix_mb >= 0,
+             "--warmup-steps, --eval-samples and --cache-prefix-mb must be >= 0"),
             (self.queries >= 1, "--queries must be >= 1"),
             (self.accum_steps >= 1, "--accum-steps must be >= 1"),
             (self.calib_samples >= 1, "--calib-samples must be >= 1"),

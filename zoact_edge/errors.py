@@ -1,11 +1,11 @@
 """User-facing errors.
 
-Anything the user can fix (a bad path, an unknown option value, a malformed dataset row) is
-raised as :class:`UserError`. The CLI prints its message as one line and exits non-zero; it
-never shows a traceback for these. Programming errors stay ordinary exceptions so that bugs
-still surface with a full traceback.
+Anything the user can fix (a bad path, an unknown option value, a malformed dataset row, a full
+disk) is raised as :class:`UserError`. The CLI prints its message as one line and exits with
+status 2. Anything else is a bug: the CLI still prints one line, exits with status 1, and shows
+the full traceback when ``ZOACT_TRACEBACK=1`` is set.
 """
 
 
 class UserError(Exception):
-    """An error caused by the user's input, reported without a traceback."""
+    """An error the user can fix, reported as one line without a traceback."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import adapter_io, targets as tgt
+from . import adapter_io, rundir, targets as tgt
 from .errors import UserError
 from .onnx_runtime import META, OnnxDecoder, folder_bytes
 from .paths import atomic_dir
@@ -197,7 +197,10 @@ def export(adapter: str, out: str, int4: bool = False, tolerance: float = 1e-4, 
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise UserError(f"--out {out} exists and is not an empty folder; pass --overwrite to replace it")
-    model, tokenizer, run_cfg = load_merged(adapter, trust_remote_code)
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+        raise UserError(f"--out {out} is not an export (no {META}); --overwrite only replaces an earlier export")
+    with rundir.reading(adapter, f"--adapter {adapter}"):  # refused while a tune writes it
+        model, tokenizer, run_cfg = load_merged(adapter, trust_remote_code)
     report: dict = {"adapter": str(adapter), "tolerance": tolerance}
     with atomic_dir(out_dir) as tmp:
         meta = export_decoder(model, tmp / "model.onnx")

@@ -51,6 +51,12 @@ CALIBRATION = {
 BITS_BYTES = {32: 4.0, 16: 2.0, 8: 1.0, 4: 0.5 + 4 / 64}
 
 
+def block_width(config) -> int:
+    """hidden + intermediate size: the widest per-token tensors of a decoder block."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    return hidden + (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs to know about a model, read from its config without loading it."""
@@ -74,10 +80,8 @@ class ModelShape:
         found = tgt.find_targets(model, targets, layers)
         adapted = sum(t.d_in * t.d_out for t in found)
         total = sum(p.numel() for p in model.parameters())
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-        inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
         return cls(adapted, total - adapted, sum(t.d_in for t in found), sum(t.d_out for t in found),
-                   hidden + inter, config.vocab_size)
+                   block_width(config), config.vocab_size)
 
     @classmethod
     def from_model(cls, model: str | None, targets: str | None = None, layers: str | None = None) -> "ModelShape":
@@ -312,3 +316,59 @@ def describe_profiles(profiles: list[Profile]) -> str:
         rows.append(f"{p.name:24s} {p.device:6s} {fmt_bytes(p.budget_bytes):>10s}  "
                     f"{','.join(map(str, p.bits)):8s} {p.compute_dtype:6s} {p.description}")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- a loaded model's batch
+
+
+def headroom_bytes(device) -> int | None:
+    """Memory this process can still take: CUDA free memory; on Linux MemAvailable, capped by a cgroup limit."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:  # cgroup v2 (containers): what is left under the limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_batch_fits(config, found, cfg, device, rows_per_example: int = 1) -> None:
+    """Refuse, before any forward, a batch x length whose activations (the estimate above, minus the
+    weights and runtime already loaded) cannot fit in the memory left; say the largest batch that fits.
+
+    ``rows_per_example``: rows a training forward holds per example (2 or 2 x queries when fused).
+    """
+    free = headroom_bytes(device)
+    if free is None:
+        return
+    from .memory import fmt_bytes
+
+    shape = ModelShape(0, 0, sum(t.d_in for t in found), sum(t.d_out for t in found), block_width(config),
+                       config.vocab_size)
+    task = cfg.task if cfg.task in ("lm", "completion") else "classification"
+    loaded = {"runtime_cpu_bytes": 0, "runtime_cpu_quantized_bytes": 0}
+
+    def need(rows: int) -> int:
+        setting = Setting(cfg.bits, rows, cfg.max_length, cfg.rank)
+        return int(estimate_bytes(shape, setting, device.type, task, loaded) * CALIBRATION["safety"])
+
+    for flag, size, per in (("--batch-size", cfg.batch_size, rows_per_example), ("--eval-batch-size", cfg.eval_batch_size, 1)):
+        if need(size * per) <= free:
+            continue
+        lo, hi = 0, size  # the largest size that fits, by bisection (need grows with the batch)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid * per) <= free else (lo, mid - 1)
+        advice = (f"the largest {flag} that fits at this length is {lo}" if lo else
+                  "it does not fit even at batch 1: lower --max-length")
+        raise UserError(f"{flag} {size} x --max-length {cfg.max_length} needs about {fmt_bytes(need(size * per))} "
+                        f"for activations, more than the {fmt_bytes(free)} left on {device.type}; {advice}")

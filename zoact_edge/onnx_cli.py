@@ -30,7 +30,7 @@ def add_onnx_parsers(sub) -> None:
                          "largest |logit| (default: 1e-4)")
     ex.add_argument("--eval-samples", type=int, metavar="N",
                     help="validation examples for the int4 accuracy report (default: 200; 0: all)")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (other folders are refused)")
 
     gen = sub.add_parser(
         "generate", argument_default=argparse.SUPPRESS,

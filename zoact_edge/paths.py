@@ -23,10 +23,15 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
 def _tmp_file(path: Path) -> tuple[int, str]:
     # mkstemp creates 0600 files; give the final file the mode a plain open() would have.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, file_mode())
     return fd, tmp
 
 
@@ -61,6 +66,7 @@ def atomic_save_file(write_fn, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, file_mode())  # libraries that write via their own temp file (safetensors) leave 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -263,9 +263,15 @@ def padded_to(task, batch, length: int):
 
 
 def inference_peak(model, task, batch, device) -> dict:
-    """Peak memory of one inference forward of ``batch`` in this process (tune's own yardstick)."""
+    """Peak memory of one inference forward of ``batch`` in this process (tune's own yardstick).
+
+    Measured as ``profile`` measures its ``inference`` method: after a tiny warm-up forward (first
+    calls allocate once: kernels, caches, bitsandbytes' state), from a trimmed heap.
+    """
     import torch
 
+    with torch.inference_mode():
+        model(input_ids=batch.input_ids[:1, :8])
     # The forward that task.loss runs, minus the (tiny) loss itself, so that counting task.loss
     # calls still counts training-loss evaluations.
     forward = task.logits if hasattr(task, "logits") else task.token_nll
@@ -281,11 +287,19 @@ def peak_of(measured: dict) -> int:
     return measured["cuda"]["max_reserved_bytes"] if "cuda" in measured else measured["rss_peak_bytes"]
 
 
+TRAINING_PHASES = ("basis", "steps")  # what profile's zoact method measures; evaluations are apart
+
+
 def tune_peak_summary(tuning: dict, inference: dict, shape) -> dict:
-    """Summary fields for tune: its peak since the yardstick, and the ratio to one inference forward."""
-    peak, base = peak_of(tuning), peak_of(inference)
+    """Summary fields for tune: the peak of its training phases (basis passes and steps, as
+    ``profile`` measures ``zoact``), the evaluations' peak, and the ratio to one inference forward."""
+    phases = {name: p.get("max_reserved_bytes", p["rss_peak_bytes"]) for name, p in tuning.get("phase_peaks", {}).items()}
+    train = [v for k, v in phases.items() if k in TRAINING_PHASES]
+    peak, base = (max(train) if train else peak_of(tuning)), peak_of(inference)
+    evals = [v for k, v in phases.items() if k not in TRAINING_PHASES]
     return {"tune_peak_bytes": peak, "inference_peak_bytes": base, "inference_probe_shape": list(shape),
-            "peak_ratio_to_inference": round(peak / base, 4) if base else None}
+            "peak_ratio_to_inference": round(peak / base, 4) if base else None,
+            "eval_peak_bytes": max(evals) if evals else None, "tune_phase_peaks": phases}
 
 
 def describe_tune_peak(summary: dict) -> str | None:
@@ -295,9 +309,12 @@ def describe_tune_peak(summary: dict) -> str | None:
         return None
     b, l = summary["inference_probe_shape"]
     kind = "RSS" if summary.get("device", "cpu") == "cpu" else "CUDA reserved"
-    return (f"tuning peak ({kind}): {fmt_bytes(summary['tune_peak_bytes'])} = {summary['peak_ratio_to_inference']:.2f}x "
-            f"one inference forward at batch {b} x {l} tokens ({fmt_bytes(summary['inference_peak_bytes'])}, "
-            "measured in this run)")
+    what = "basis passes + steps" if summary.get("tune_phase_peaks") else "the whole run"
+    evals = (f"; evaluations (batch {summary['eval_batch_size']}) peaked at {fmt_bytes(summary['eval_peak_bytes'])}"
+             if summary.get("eval_peak_bytes") and summary.get("eval_batch_size") else "")
+    return (f"tuning peak ({kind}, {what}): {fmt_bytes(summary['tune_peak_bytes'])} = "
+            f"{summary['peak_ratio_to_inference']:.2f}x the yardstick, one inference forward at batch {b} x {l} tokens "
+            f"({fmt_bytes(summary['inference_peak_bytes'])}, measured in this run as `zoact-edge profile` does){evals}")
 
 
 def _loss_fn(task, model, batch):

@@ -17,6 +17,7 @@ difference of two nearly equal losses.
 from __future__ import annotations
 
 import dataclasses
+import string
 from dataclasses import dataclass
 
 import torch
@@ -98,14 +99,28 @@ def output_rows(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return weight, bias
 
 
+def read_template(template: str) -> str:
+    """A prompt template as typed: ``\\n``/``\\t`` become newline/tab, and ``{text}`` must be its only field."""
+    template = template.replace("\\n", "\n").replace("\\t", "\t")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise UserError(f"--template {template!r}: {e}; write literal braces as {{{{ and }}}}") from None
+    other = next((f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                  for name, spec, conv in fields if (name, spec, conv) != ("text", "", None)), None)
+    if other is not None:
+        raise UserError(f"--template: {other} is not allowed: {{text}} is the only field (literal braces: {{{{ and }}}})")
+    if not fields:
+        raise UserError("--template must contain {text}")
+    return template
+
+
 class ClassificationTask:
     kind = "classification"
 
     def __init__(self, tokenizer, template: str, label_words: list[str], max_length: int):
-        if "{text}" not in template:
-            raise UserError("--template must contain {text}")
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = read_template(template)
         self.label_words = list(label_words)
         self.max_length = max_length
         ids = []
@@ -263,8 +278,24 @@ def parse_labels(spec: str) -> tuple[list[str], list[str]]:
     return names, words
 
 
+def check_prompts_differ(task: ClassificationTask, examples: list) -> None:
+    """Refuse a template that leaves no room for the text: the prompt without it is the same prompt."""
+    for ex in examples[:2]:
+        with_text, without = (task.collate([e]).input_ids for e in (ex, dataclasses.replace(ex, text="")))
+        if with_text.shape == without.shape and bool((with_text == without).all()):
+            raise UserError(f"--template leaves no room for the text: its last --max-length {task.max_length} tokens "
+                            "hold no part of it, so every prompt is the same; shorten the template or raise --max-length")
+
+
 def build_task(cfg, tokenizer):
     """Return (task, splits) for a TuneConfig-like object."""
+    task, splits = _build_task(cfg, tokenizer)
+    if isinstance(task, ClassificationTask):
+        check_prompts_differ(task, splits.train)
+    return task, splits
+
+
+def _build_task(cfg, tokenizer):
     from . import data
 
     if cfg.task not in TASKS:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from datetime import datetime
@@ -24,11 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapter_io, distributed, targets as tgt
+from . import adapter_io, distributed, rundir, targets as tgt
 from .basis import BasisConfig, compute_bases
 from .config import TuneConfig
 from .errors import UserError
 from .evaluate import evaluate
+from .fit import check_batch_fits
 from .layer import SharedProjection
 from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_memory
 from .models import load_model
@@ -84,18 +84,9 @@ def adapter_dtype(cfg: TuneConfig, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.adapter_dtype]
 
 
-def prepare_output(cfg: TuneConfig) -> tuple[Path, bool]:
-    """Check (without writing anything yet) that the output folder is usable."""
-    out = Path(cfg.output or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
-    existed = out.exists()
-    if existed and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a folder")
-    if existed and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"--output {out} is not empty; pass --overwrite, or --resume {out} to continue it")
-    probe = out if existed else next((p for p in out.parents if p.exists()), Path("."))
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--output {out}: {probe} is not a writable folder")
-    return out, existed
+def claim_output(cfg: TuneConfig) -> rundir.RunDir:
+    """The new run's folder, owned and locked before anything is loaded (see ``rundir``)."""
+    return rundir.claim(cfg.output or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}", cfg.overwrite)
 
 
 def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | None, dtype, device) -> dict:
@@ -141,24 +132,27 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     if cfg.resample_every and (resume or cfg.backend != "torch"):
         raise UserError("--resample-every runs need --backend torch and cannot be resumed (the folded weights are not checkpointed)")
     ranks = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank; else rank 0 of 1
-    main = ranks.is_main  # only the main rank writes files
     if cfg.backend != "torch" and (cfg.fused or cfg.accum_steps > 1 or ranks.active):
         raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {cfg.backend})")
-    if resume:
-        out, existed = Path(resume), True
-        if adapter_io.find_checkpoint(out) is None:
-            raise UserError(f"--resume {resume}: no checkpoint found there")
-    elif main:
-        out, existed = prepare_output(cfg)
-    else:
-        out, existed = Path(os.devnull), True  # never written to: every write below is main-rank only
+    if not ranks.is_main:  # never writes: every write below is main-rank only
+        return _tune(cfg, resume, None, ranks, t_start)
+    with rundir.claim_existing(resume, f"--resume {resume}") if resume else claim_output(cfg) as run:
+        return _tune(cfg, resume, run, ranks, t_start)
 
+
+def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks, t_start: float) -> dict:
+    """The run itself; ``run`` is the claimed output folder (None on the ranks that do not write)."""
+    main = ranks.is_main  # only the main rank writes files
     # --backend ort exports the fp32 model and quantizes the graph itself (--bits 4: int4 MatMulNBits)
     loaded = load_model(cfg.model, 32 if cfg.backend == "ort" else cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
     task, splits = build_task(cfg, loaded.tokenizer)
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     tgt.check_rank(found, cfg.rank)
+    # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
+    # they save little (tools/bench_step.py measures it) and they double activation memory.
+    fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
+    check_batch_fits(model.config, found, cfg, device, (2 * cfg.queries if cfg.fuse_queries else 2) if fused else 1)
     dtype = adapter_dtype(cfg, device)
     eval_set = splits.validation[: cfg.eval_samples or None]
     # Yardstick for the peak printed at the end: one inference forward of the longest batch this
@@ -181,14 +175,15 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
 
     # ---- adapters: fresh one-shot bases, or everything from the checkpoint
     if resume:
-        state, P, B, opt_state = adapter_io.load_checkpoint(out)
-        if set(P) != {t.name for t in found}:
+        state, P, B, opt_state = adapter_io.load_checkpoint(Path(resume))
+        if set(P) != {t.name for t in found} or set(B) != set(P) or any(
+                B[t.name].shape != (t.d_out, P[t.name].shape[1]) or P[t.name].shape[0] != t.d_in for t in found):
             raise UserError(f"--resume {resume}: the checkpoint's layers do not match this model/targets")
         layers = inject_adapters(model, found, P, B, dtype, device)
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
         if main:
-            _truncate_metrics(out / "metrics.jsonl", start_step)
+            _truncate_metrics(run.path / "metrics.jsonl", start_step)
     elif cfg.method == "subspace":  # the ablation: random orthonormal bases, same groups and layers
         t0 = time.time()
         first = _calibration_batches(cfg, task, splits.train, device)[0]
@@ -211,29 +206,30 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         del calib
     if not resume:
         release_free_memory()
+        tune_meter.split("basis")  # the yardstick's phases: see profiler.tune_peak_summary
         layers = inject_adapters(model, found, bases, None, dtype, device)
         # Built before anything is written: it refuses unsupported architectures.
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         if cfg.backend == "ort":
             ort_loss = _ort_loss(model, task, layers, splits, loaded.folder, device, cfg.bits)
         zero_shot = run_eval("zero-shot eval")
+        tune_meter.split("zero-shot eval")
         start_step, opt_state = 0, None
-        # Only now, with the inputs validated, does anything get written.
         if main:
-            if cfg.overwrite and existed:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+            _write_json(run.path / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+        try:
+            optimizer.load_state_dict(opt_state)
+            if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape
+                   for p, st in optimizer.state.items() for v in st.values()):
+                raise ValueError("moment shapes differ from the coefficients'")
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"--resume {resume}: the checkpoint's optimizer state does not fit this run ({e})") from None
 
     # ---- ZO steps: every loss evaluation is forward-only, under inference mode
-    # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
-    # they save little (tools/bench_step.py measures it) and they double activation memory.
-    fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
     loss_terms = make_loss_terms(model, task, adapted_blocks(model, layers) if cfg.share_prefix else None, cache)
     reduce_losses = distributed.loss_reducer(ranks, device)  # sums 4 x queries scalars over ranks
     per_rank = cfg.batch_size * cfg.accum_steps
@@ -251,68 +247,66 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         if not main:
             return
         state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict()}
-        adapter_io.save_checkpoint(out, layers, optimizer, state)
+        adapter_io.save_checkpoint(run.path, layers, optimizer, state)
+        run.commit()  # an --overwrite run replaces the old one at its first checkpoint
 
-    try:
-        bad_in_a_row, t_loop = 0, time.time()
-        # Testing hook: die by SIGKILL at the start of this step, like a crash or an OOM kill.
-        kill_at = int(os.environ.get("ZOACT_KILL_AT_STEP", "0"))
-        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="zo-act", unit="step", disable=not main)
-        with open(out / "metrics.jsonl" if main else os.devnull, "a") as metrics:
-            for step in bar:
-                if step + 1 == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
-                idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed)
-                idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
-                micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])
-                         .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
-                         for s in range(0, per_rank, cfg.batch_size)]
-                lr = cfg.lr * lr_factor(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_seed = derive_seed(cfg.seed, step)
-                if cfg.resample_every and step and step % cfg.resample_every == 0:
-                    fold_and_resample(layers, groups, cfg.rank, cfg.seed, step // cfg.resample_every, folded)
-                    optimizer.state.clear()  # Adam moments of the old coordinates mean nothing now
-                if cfg.backend == "torch":
-                    res = estimate_batches(order, loss_terms, micro, step_seed, cfg.eps, cfg.queries,
-                                           fused, cfg.fuse_queries, reduce_losses)
-                    apply_update(order, res, optimizer, step_seed)
-                else:
-                    batch_holder["batch"] = micro[0]
-                    res = zo_step(order, loss_fn, optimizer, step_seed, cfg.eps, cfg.queries)
-                record = {"step": step + 1, "forwards": (step + 1) * forwards_per_step,
-                          "loss": res.loss if res.finite else None, "lr": lr,
-                          "projected_grad": res.projected, "skipped": not res.finite, "time": round(time.time() - t_start, 3)}
-                if not res.finite:
-                    bad_in_a_row += 1
-                    log.warning("step %d: non-finite loss, update skipped", step + 1)
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise UserError(f"loss was NaN/inf for {bad_in_a_row} steps in a row; lower --lr or --eps")
-                else:
-                    bad_in_a_row = 0
-                    bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2g}")
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                    record["eval"] = run_eval(f"eval @ {step + 1}")
-                    bar.write(f"step {step + 1}: {_fmt_metrics(record['eval'])}")
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                    checkpoint(step + 1)
-    except BaseException:
-        # A fresh run that dies before its first checkpoint leaves nothing behind.
-        if main and not resume and not existed and adapter_io.find_checkpoint(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    bad_in_a_row, t_loop = 0, time.time()
+    # A short run is not allowed to skip most of its steps and still "succeed" with an untrained adapter.
+    bad_limit = max(1, min(cfg.max_bad_steps, (cfg.steps - start_step + 1) // 2))
+    # Testing hook: die by SIGKILL at the start of this step, like a crash or an OOM kill.
+    kill_at = int(os.environ.get("ZOACT_KILL_AT_STEP", "0"))
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="zo-act", unit="step", disable=not main)
+    with open(run.path / "metrics.jsonl" if main else os.devnull, "a") as metrics:
+        for step in bar:
+            if step + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
+            idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed)
+            idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+            micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])
+                     .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
+                     for s in range(0, per_rank, cfg.batch_size)]
+            lr = cfg.lr * lr_factor(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_seed = derive_seed(cfg.seed, step)
+            if cfg.resample_every and step and step % cfg.resample_every == 0:
+                fold_and_resample(layers, groups, cfg.rank, cfg.seed, step // cfg.resample_every, folded)
+                optimizer.state.clear()  # Adam moments of the old coordinates mean nothing now
+            if cfg.backend == "torch":
+                res = estimate_batches(order, loss_terms, micro, step_seed, cfg.eps, cfg.queries,
+                                       fused, cfg.fuse_queries, reduce_losses)
+                apply_update(order, res, optimizer, step_seed)
+            else:
+                batch_holder["batch"] = micro[0]
+                res = zo_step(order, loss_fn, optimizer, step_seed, cfg.eps, cfg.queries)
+            record = {"step": step + 1, "forwards": (step + 1) * forwards_per_step,
+                      "loss": res.loss if res.finite else None, "lr": lr,
+                      "projected_grad": res.projected, "skipped": not res.finite, "time": round(time.time() - t_start, 3)}
+            if not res.finite:
+                bad_in_a_row += 1
+                log.warning("step %d: non-finite loss, update skipped", step + 1)
+                if bad_in_a_row >= bad_limit:
+                    raise UserError(f"loss was NaN/inf for {bad_in_a_row} steps in a row; lower --lr or --eps")
+            else:
+                bad_in_a_row = 0
+                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2g}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                record["eval"] = run_eval(f"eval @ {step + 1}")
+                bar.write(f"step {step + 1}: {_fmt_metrics(record['eval'])}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                checkpoint(step + 1)
     bar.close()
     loop_seconds = time.time() - t_loop
+    tune_meter.split("steps")
 
     # ---- final evaluation and outputs
     final = run_eval("final eval")
     test = run_eval("test eval", splits.test) if cfg.test_eval else None
     if main:
-        adapter_io.save_peft(out, layers, loaded.folder, folded)
+        adapter_io.save_peft(run.path, layers, loaded.folder, folded)
     checkpoint(cfg.steps)
     summary = {
         "method": cfg.method,
@@ -330,12 +324,13 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         "fused": fused,
         "examples_per_step": per_rank * ranks.world_size,
         **({"prefix_cache": cache.stats()} if cache is not None else {}),
-        **tune_peak_summary(tune_meter.stop(), yardstick, probe.input_ids.shape),
+        "eval_batch_size": cfg.eval_batch_size,
+        **tune_peak_summary(tune_meter.stop("final eval"), yardstick, probe.input_ids.shape),
     }
     if main:
-        _write_json(out / "summary.json", summary)
+        _write_json(run.path / "summary.json", summary)
     distributed.shutdown(ranks)
-    summary["output"] = str(out) if main else f"written by rank 0 (this is rank {ranks.rank})"
+    summary["output"] = str(run.path) if main else f"written by rank 0 (this is rank {ranks.rank})"
     return summary
 
 
