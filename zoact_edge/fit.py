@@ -355,7 +355,7 @@ def check_batch_fits(config, found, cfg, device, rows_per_example: int = 1) -> N
     shape = ModelShape(0, 0, sum(t.d_in for t in found), sum(t.d_out for t in found), block_width(config),
                        config.vocab_size)
     task = cfg.task if cfg.task in ("lm", "completion") else "classification"
-    loaded = {"runtime_cpu_bytes": 0, "runtime_cpu_quantized_bytes": 0}
+    loaded = {"runtime_cpu_bytes": 0, "runtime_cpu_quantized_bytes": 0, "cuda_runtime_bytes": 0}
 
     def need(rows: int) -> int:
         setting = Setting(cfg.bits, rows, cfg.max_length, cfg.rank)

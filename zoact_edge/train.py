@@ -152,7 +152,8 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
     # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
     # they save little (tools/bench_step.py measures it) and they double activation memory.
     fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
-    check_batch_fits(model.config, found, cfg, device, (2 * cfg.queries if cfg.fuse_queries else 2) if fused else 1)
+    pairs = cfg.queries if cfg.fuse_queries else 1  # fit assumes each device's default step: fused on CUDA only
+    check_batch_fits(model.config, found, cfg, device, pairs if device.type == "cuda" else (2 * pairs if fused else 1))
     dtype = adapter_dtype(cfg, device)
     eval_set = splits.validation[: cfg.eval_samples or None]
     # Yardstick for the peak printed at the end: one inference forward of the longest batch this
