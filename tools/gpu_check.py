@@ -58,8 +58,8 @@ GOALS = {"zoact_peak_over_inference_4bit": 1.05, "fused_step_over_inference_forw
 class Run:
     """Stage bookkeeping: a log file, a deadline, and subprocesses that never outlive either."""
 
-    def __init__(self, out: Path, budget: float):
-        self.out, self.deadline = out, time.time() + budget
+    def __init__(self, out: Path, budget: float, slack: float = 1.0):
+        self.out, self.deadline, self.slack = out, time.time() + budget, slack  # slack: stage limits x this
         self.log = open(out / "gpu-check.log", "a", buffering=1)
         self.results: dict = {"stages": {}}
 
@@ -72,7 +72,7 @@ class Run:
         self.log.write(line + "\n")
 
     def sh(self, cmd: list[str], limit: float, env: dict | None = None) -> subprocess.CompletedProcess | None:
-        limit = min(limit, self.left())
+        limit = min(limit * self.slack, self.left())
         if limit < 5:
             self.say(f"skipped (out of time): {' '.join(cmd)}")
             return None
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ZOACT_CACHE", str(work / "cache"))  # quantized copies of the shape models
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = Run(out, args.budget)
+    run = Run(out, args.budget, slack=4.0 if args.dry_run else 1.0)  # a shared 2-core CI machine is slow
     device = "cpu" if args.dry_run else "cuda"
     shapes = TINY if args.dry_run else SHAPES
     batch, seq = (2, 32) if args.dry_run else (8, 256)
