@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapter_io, distributed, targets as tgt
+from . import adapter_io, distributed, perturb, targets as tgt
 from .basis import BasisConfig, compute_bases
 from .config import TuneConfig
 from .errors import UserError
@@ -36,7 +36,7 @@ from .paths import atomic_write
 from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
 from .prefix import PrefixCache, adapted_blocks, make_loss_terms
 from .subspace import fold_and_resample, input_groups, random_bases
-from .tasks import build_task, hidden_states
+from .tasks import build_task, hidden_states, scored_mask
 from .zo import apply_update, derive_seed, estimate_batches, zo_step
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,10 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         from .fit import apply_profile
 
         cfg = apply_profile(cfg)
+    if cfg.method == "calibrate":  # the prior-only baseline: no weights change
+        from .calibrate import tune_calibrate
+
+        return tune_calibrate(cfg)
     if cfg.method in ("mezo", "fo-lora"):  # the baselines: same data, eval and outputs, own loop
         from .baseline_train import tune_baseline
 
@@ -174,6 +178,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         return metrics
 
     # ---- adapters: fresh one-shot bases, or everything from the checkpoint
+    energies: dict = {}  # each activation basis column's energy (--perturb whiten)
     if resume:
         state, P, B, opt_state = adapter_io.load_checkpoint(out)
         if set(P) != {t.name for t in found}:
@@ -181,6 +186,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         layers = inject_adapters(model, found, P, B, dtype, device)
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
+        perturb.apply(layers, perturb.from_state(state.get("z_scales")))
         if main:
             _truncate_metrics(out / "metrics.jsonl", start_step)
     elif cfg.method == "subspace":  # the ablation: random orthonormal bases, same groups and layers
@@ -200,12 +206,14 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
             lambda b: _forward_only(model, b),
             BasisConfig(rank=cfg.rank, method=cfg.basis_method, passes=cfg.basis_passes, seed=cfg.seed),
             progress=lambda desc, it: tqdm(it, desc=desc, leave=False, unit="batch"),
+            token_mask=scored_mask if cfg.calib_tokens == "scored" else None, energies=energies,
         )
         basis_seconds = time.time() - t0
         del calib
     if not resume:
         release_free_memory()
         layers = inject_adapters(model, found, bases, None, dtype, device)
+        perturb.apply(layers, perturb.column_scales(cfg.perturb, layers, energies or None))
         # Built before anything is written: it refuses unsupported architectures.
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         if cfg.backend == "ort":
@@ -244,7 +252,8 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     def checkpoint(step):
         if not main:
             return
-        state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict()}
+        state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict(),
+                 "z_scales": perturb.to_state(layers)}
         adapter_io.save_checkpoint(out, layers, optimizer, state)
 
     try:
