@@ -13,7 +13,7 @@ from conftest import make_model
 from helpers import forward, randomize_coefficients, rt_examples, rt_task
 from zoact_edge import perturb, targets as tgt
 from zoact_edge.basis import BasisConfig, compute_bases
-from zoact_edge.calibrate import label_bias
+from zoact_edge.calibrate import fitted_bias, label_logits, uniform_bias
 from zoact_edge.cli import main
 from zoact_edge.layer import noise_like
 from zoact_edge.tasks import scored_mask
@@ -121,18 +121,24 @@ def test_scaled_estimate_is_the_directional_derivative_along_the_scaled_directio
         torch.testing.assert_close(l.B.grad, res.projected[0] * d, rtol=1e-12, atol=0)
 
 
-def test_label_bias_is_minus_log_mean_probability(tokenizer):
+def test_calibration_biases(tokenizer):
     model = make_model("llama", len(tokenizer))
     task = rt_task(tokenizer)
     examples = rt_examples(10)
-    bias = label_bias(model, task, examples, 4, torch.device("cpu"))
+    logits = label_logits(model, task, examples, 4, torch.device("cpu"))
     with torch.inference_mode():
-        probs = torch.cat([torch.softmax(task.logits(model, task.collate([ex])).double(), -1) for ex in examples])
-    torch.testing.assert_close(bias, -probs.mean(0).log(), rtol=1e-5, atol=1e-7)
-    # after the shift, the mean calibrated distribution on those examples is (nearly) uniform
-    with torch.inference_mode():
-        shifted = torch.softmax(task.logits(model, task.collate(examples)).double() + bias, -1).mean(0)
-    assert float((shifted - 0.5).abs().max()) < 0.1
+        one_by_one = torch.cat([task.logits(model, task.collate([ex])).double() for ex in examples])
+    torch.testing.assert_close(logits, one_by_one, rtol=1e-5, atol=1e-6)
+    # uniform: minus log of the mean predicted distribution, after which that mean is uniform
+    u = uniform_bias(logits)
+    torch.testing.assert_close(u, -torch.softmax(one_by_one, -1).mean(0).log(), rtol=1e-5, atol=1e-7)
+    assert float((torch.softmax(logits + u, -1).mean(0) - 0.5).abs().max()) < 0.1
+    # fitted: a stationary point of the cross-entropy in b (its gradient: mean(p) - label frequency)
+    labels = torch.tensor([ex.label for ex in examples])
+    b = fitted_bias(logits, labels)
+    freq = torch.bincount(labels, minlength=2).double() / len(labels)
+    torch.testing.assert_close(torch.softmax(logits + b, -1).mean(0), freq, rtol=0, atol=1e-6)
+    assert abs(float(b.sum())) < 1e-9
 
 
 def test_calibrate_and_whiten_runs(model_dirs, tmp_path):
