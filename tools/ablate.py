@@ -72,7 +72,7 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 
 def forwards_per_step(method: str, settings: dict) -> int:
-    return 2 * int(settings.get("queries", 1))
+    return 1 if method == "calibrate" else 2 * int(settings.get("queries", 1))
 
 
 def _same(r: dict, name: str, task: str, seed: int, args) -> bool:
@@ -102,13 +102,11 @@ def ablate(args) -> None:
             continue
         # run_one counts a step as FORWARDS_PER_STEP[method] forwards; with several queries the
         # budget is spent in fewer steps, so it is handed the step-equivalent budget.
-        if method == "calibrate":  # no steps: the record's forwards are the prior's batches
-            rec = run_one(method, args.task, args.seed, args.budget, args.points, settings, args, test=False)
-        else:
-            fps = forwards_per_step(method, settings)
-            rec = run_one(method, args.task, args.seed, args.budget * 2 // fps, args.points, settings, args, test=False)
-            rec["forwards"] = rec["steps"] * fps
-            rec["curve"] = [[f * fps // 2, a] for f, a in rec["curve"]]
+        # run_one takes a step as 2 forwards (one query); with q queries a step is 2q, so it gets
+        # the budget that yields budget / 2q steps. The record's forwards and curve come from the
+        # run's own counts, which are right for any q (calibrate: the prior's batches).
+        fps = forwards_per_step(method, settings)
+        rec = run_one(method, args.task, args.seed, args.budget * 2 // fps, args.points, settings, args, test=False)
         rec.update(name=name, budget=args.budget)
         _locked_update(path, lambda d: d["records"].append(rec))
         curve = " ".join(f"{a:.3f}" for _, a in rec["curve"])

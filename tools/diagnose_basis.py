@@ -140,7 +140,8 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_xticks([i + 0.4 for i in range(len(types))], types, rotation=30)
     axes[0].set_ylabel("fraction of ||dL/dW||^2 in span(P)")
     axes[0].set_title("gradient energy captured (mean over blocks)")
-    axes[0].legend(fontsize=7, ncol=3)
+    axes[0].set_ylim(0, 1.3)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper center")
     rows = result["zo_cosine"]
     labels = list(rows)
     axes[1].barh(labels, [rows[k]["cos_W"] for k in labels])
@@ -159,7 +160,10 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, default=32, help="draws of Z per cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "diagnose_basis.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        return plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
     torch.manual_seed(args.seed)
 
     cfg = TuneConfig(model=args.model, task=args.task, rank=max(RANKS), seed=args.seed)
