@@ -47,6 +47,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     # random subspace at rank 1 (is a rank-1 win the basis, or just fewer coordinates?)
     "sub-r1-lr3e-3": ("subspace", {"rank": 1, "lr": 3e-3, "eps": 1e-3}),
     "sub-r1-lr1e-2": ("subspace", {"rank": 1, "lr": 1e-2, "eps": 1e-3}),
+    "sub-r1-lr1e-3": ("subspace", {"rank": 1, "lr": 1e-3, "eps": 1e-3}),
     # perturbation scaling (--perturb); each with its own lr
     # (Adam normalises each coordinate, so under Adam a scaling D acts as D, under SGD as D^2: see perturb.py)
     "r16-whiten-lr1e-4": ("zoact", {"rank": 16, "perturb": "whiten", "lr": 1e-4, "eps": 1e-3}),
