@@ -116,11 +116,14 @@ def ablate(args) -> None:
 
 
 def table(path: Path) -> str:
-    rows = ["| task | run | seed | settings | val acc at forwards | val acc | val loss |", "|---|---|---|---|---|---|---|"]
+    """The records as a markdown table: validation accuracy at each evaluation, final loss."""
+    rows = ["| task | run | seed | method, settings | val acc. at forwards | final val loss |", "|---|---|---|---|---|---|"]
     for r in json.loads(path.read_text())["records"]:
-        curve = " / ".join(f"{a:.3f}@{f}" for f, a in r["curve"])
-        rows.append(f"| {r['task']} | {r['name']} | {r['seed']} | {r['method']} {r['settings']} | {curve} | "
-                    f"{r['val_accuracy']:.3f} | {r['val_loss']:.3f} |")
+        points = [(f, a) for f, a in r["curve"] if f > 0]
+        points = [p for i, p in enumerate(points) if i == len(points) - 1 or p[0] != points[-1][0]]
+        curve = " / ".join(f"{a:.3f}" for _, a in points) + f" (at {' / '.join(str(f) for f, _ in points)})"
+        settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        rows.append(f"| {r['task']} | {r['name']} | {r['seed']} | {r['method']}: {settings} | {curve} | {r['val_loss']:.3f} |")
     return "\n".join(rows)
 
 
