@@ -41,7 +41,8 @@ RESULTS = ROOT / "docs" / "results"
 METHODS = ("zoact", "subspace", "mezo", "fo-lora")
 # The baselines' counts come from the trainer that spends them; a ZO-Act or subspace step with
 # the default single query is two forwards.
-FORWARDS_PER_STEP = {"zoact": 2, "subspace": 2, **BASELINE_FORWARDS_PER_STEP}
+FORWARDS_PER_STEP = {"zoact": 2, "subspace": 2, **BASELINE_FORWARDS_PER_STEP,
+                     "calibrate": 1}  # calibrate takes no steps: its summary counts the prior's forwards
 # The sweep grids (validation split, seed 0). ZO-Act/subspace train B with Adam; MeZO is SGD on
 # the full weights, where the literature's range is 1e-7..1e-5; LoRA + Adam by backprop 1e-4..1e-3.
 LR_STAGE_EPS = 1e-3  # the ZO methods' eps while their lr is swept

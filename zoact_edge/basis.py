@@ -144,11 +144,16 @@ def compute_bases(
     forward: Callable[[object], None],
     cfg: BasisConfig,
     progress: Callable[[str], Iterable] | None = None,
+    token_mask: Callable[[object], torch.Tensor] | None = None,
+    energies: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return ``{module name: P}`` (fp32, d_in x r, orthonormal columns); group members share P.
 
     ``batches`` is re-iterated once per pass; ``forward(batch)`` runs the model on one batch under
     inference mode. Each batch must have an ``attention_mask`` (padding is masked out).
+    ``token_mask(batch)``, if given, chooses the tokens the bases are computed from instead of the
+    attention mask (e.g. only the scored positions). ``energies``, if given, is filled with
+    ``{module name: mean over tokens of (P^T x)^2}`` (length r): each column's activation energy.
     """
     batches = list(batches)
     if not batches:
@@ -201,7 +206,7 @@ def compute_bases(
         with col:
             it = progress(f"basis pass {p + 1}/{n_passes}", batches) if progress else batches
             for batch in it:
-                col.set_mask(batch.attention_mask)
+                col.set_mask(batch.attention_mask if token_mask is None else token_mask(batch))
                 forward(batch)
         for g in groups:
             if g.method != "sketch":
@@ -212,7 +217,9 @@ def compute_bases(
                 Q = g.Q.cpu()
                 T = Q.T @ Y  # Rayleigh-Ritz: Q^T A Q
                 T = (T + T.T) / 2
-                g.extras["P"] = Q @ _top_eigvecs(T, min(cfg.rank, T.shape[0]))
+                V = _top_eigvecs(T, min(cfg.rank, T.shape[0]))
+                g.extras["P"] = Q @ V
+                g.extras["energy"] = ((T.double() @ V.double()) * V.double()).sum(0)  # diag(V^T Q^T A Q V)
             else:
                 g.Q = _orth(Y).to(g.device)
 
@@ -224,9 +231,12 @@ def compute_bases(
             )
         if g.method == "gram":
             P = _top_eigvecs(g.acc.cpu(), cfg.rank)
+            energy = ((g.acc.cpu().double() @ P.double()) * P.double()).sum(0)  # diag(P^T A P)
         else:
-            P = g.extras["P"]
+            P, energy = g.extras["P"], g.extras["energy"]
         P = P.contiguous()
         for name in g.members:
             out[name] = P
+            if energies is not None:
+                energies[name] = (energy / g.tokens).float()
     return out

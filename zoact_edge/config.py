@@ -22,7 +22,7 @@ def opt(default, help: str, choices=None):  # noqa: A002 - mirrors argparse
 
 # Adam on the small B tolerates 1e-3; SGD on full weights needs ~1e-6 (MeZO's range); LoRA + Adam
 # by backprop is usually run at 1e-4. Defaults only: tools/bench_convergence.py sweeps them.
-DEFAULT_LR = {"zoact": 1e-3, "subspace": 1e-3, "mezo": 1e-6, "fo-lora": 1e-4}
+DEFAULT_LR = {"zoact": 1e-3, "subspace": 1e-3, "mezo": 1e-6, "fo-lora": 1e-4, "calibrate": None}
 
 
 @dataclass
@@ -39,8 +39,10 @@ class TuneConfig:
                                     "rank until the estimated peak fits its memory budget; refuses if nothing fits")
     # method (ZO-Act, or a baseline in the same harness: see zoact_edge/baseline_train.py)
     method: str = opt("zoact", "zoact (activation bases), subspace (random orthonormal bases, the ablation), "
-                               "mezo (full-weight ZO-SGD, 16/32-bit only) or fo-lora (peft LoRA + backprop + Adam)",
-                      ["zoact", "subspace", "mezo", "fo-lora"])
+                               "mezo (full-weight ZO-SGD, 16/32-bit only), fo-lora (peft LoRA + backprop + Adam) or "
+                               "calibrate (no training: zero-shot with the label prior estimated on --calib-samples "
+                               "unlabelled training examples divided out; classification only)",
+                      ["zoact", "subspace", "mezo", "fo-lora", "calibrate"])
     resample_every: int = opt(0, "subspace method: draw a fresh random basis every N steps, folding B P^T into the "
                                  "(16/32-bit) weights first (0: one basis for the whole run)")
     test_eval: bool = opt(False, "also evaluate the test split after training (benchmarks; tune settings on validation)")
@@ -59,7 +61,16 @@ class TuneConfig:
     targets: str | None = opt(None, "comma-separated name patterns of linears to adapt, e.g. 'q_proj,v_proj' (default: all in the blocks)")
     layers: str | None = opt(None, "block range to adapt, e.g. 20-29 (default: all blocks)")
     rank: int = opt(16, "rank r of each adapter (basis size)")
-    calib_samples: int = opt(64, "training examples in the one-shot basis calibration pass")
+    calib_samples: int = opt(64, "training examples in the one-shot basis calibration pass (--method calibrate: "
+                                 "examples the label prior is estimated on)")
+    calib_tokens: str = opt("all", "tokens the bases are computed from: all real tokens, or only the scored ones "
+                                   "(classification: the last position; lm/completion: the positions predicting a target)",
+                            ["all", "scored"])
+    perturb: str = opt("plain", "scaling of the perturbation Z per adapter column (zoact_edge/perturb.py): plain N(0, I); "
+                                "rank (1/sqrt(r)); layer-norm (norm of Z P^T matched to a full-weight perturbation: "
+                                "sqrt(d_in/r)); whiten (column j times sigma_0/sigma_j, the basis' activation RMS: "
+                                "equalises curvature under sgd, half of it under adam). Each needs its own --lr",
+                       ["plain", "rank", "layer-norm", "whiten"])
     basis_method: str = opt("auto", "basis estimator: exact gram (d_in^2 memory) or streamed randomized sketch", ["auto", "gram", "sketch"])
     basis_passes: int = opt(3, "calibration passes for the sketch estimator (>= 2; more = closer to exact)")
     adapter_dtype: str = opt("auto", "dtype of the bases and the adapter matmuls (coefficients B stay fp32): auto = fp32 on CPU, fp16 on GPU", ["auto", "fp32", "fp16", "bf16"])
@@ -115,6 +126,8 @@ class TuneConfig:
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every / --eval-every must be >= 0"),
             (self.resample_every >= 0, "--resample-every must be >= 0"),
             (self.resample_every == 0 or self.method == "subspace", "--resample-every is for --method subspace"),
+            (self.perturb == "plain" or self.method in ("zoact", "subspace"), "--perturb is for --method zoact or subspace"),
+            (self.perturb != "whiten" or self.method == "zoact", "--perturb whiten needs activation bases: --method zoact"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -19,7 +19,9 @@ def _length_sorted(task, examples: list, batch_size: int):
 
 
 @torch.inference_mode()
-def evaluate(model, task, examples: list, batch_size: int = 32, device=None, desc: str = "eval") -> dict:
+def evaluate(model, task, examples: list, batch_size: int = 32, device=None, desc: str = "eval",
+             logit_bias: torch.Tensor | None = None) -> dict:
+    """Metrics of ``model`` on ``examples``; ``logit_bias`` (classification) is added to every row's label logits."""
     device = device or next(model.parameters()).device
     n_batches = math.ceil(len(examples) / batch_size)
     bar = tqdm(_length_sorted(task, examples, batch_size), total=n_batches, desc=desc, leave=False, unit="batch")
@@ -28,6 +30,8 @@ def evaluate(model, task, examples: list, batch_size: int = 32, device=None, des
         for chunk in bar:
             batch = task.collate(chunk).to(device)
             logits = task.logits(model, batch)
+            if logit_bias is not None:
+                logits = logits + logit_bias.to(logits)
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
             correct += int((logits.argmax(-1) == batch.labels).sum())
             n += len(chunk)

@@ -68,6 +68,9 @@ class ZOActLinear(nn.Module):
         self.noise_scale: float = 0.0
         self.noise_groups: tuple[tuple[int, float], ...] | None = None
         self.shared = shared
+        # Per-column scale of the perturbation (length r), or None for plain N(0, I): see
+        # zoact_edge/perturb.py. Set once after the bases; the update regenerates the same Z.
+        self.z_scale: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -89,6 +92,11 @@ class ZOActLinear(nn.Module):
         self.noise_seed, self.noise_scale = None, 0.0
         self.noise_groups = tuple((int(s), float(c)) for s, c in groups) if groups else None
 
+    def direction(self, seed: int) -> torch.Tensor:
+        """The perturbation direction under ``seed``: N(0, I), columns scaled by ``z_scale`` if set."""
+        z = noise_like(self.B, seed)
+        return z if self.z_scale is None else z.mul_(self.z_scale)
+
     def delta_weight(self) -> torch.Tensor:
         """delta W = B P^T (d_out x d_in), the dense update a LoRA merge adds to W."""
         return self.B @ self.P.T.to(self.B.dtype)
@@ -104,7 +112,7 @@ class ZOActLinear(nn.Module):
             return out + self._grouped_low(self.project(x)).to(out.dtype)
         coeff = self.B
         if self.noise_seed is not None and self.noise_scale != 0.0:
-            coeff = coeff + self.noise_scale * noise_like(self.B, self.noise_seed)
+            coeff = coeff + self.noise_scale * self.direction(self.noise_seed)
         h = self.project(x)
         low = h @ coeff.T.to(h.dtype)  # B is fp32 (the trained master copy); the matmul runs in P's dtype
         return out + low.to(out.dtype)
@@ -125,7 +133,7 @@ class ZOActLinear(nn.Module):
         coeffs = []
         for seed, scale in groups:
             if seed not in drawn:  # the + and - groups of a query share one draw of Z
-                drawn[seed] = noise_like(self.B, seed)
+                drawn[seed] = self.direction(seed)
             coeffs.append(self.B + scale * drawn[seed])
         stacked = torch.stack(coeffs)  # (G, d_out, r)
         low = torch.bmm(h.reshape(G, -1, h.shape[-1]), stacked.transpose(1, 2).to(h.dtype))

@@ -9,7 +9,7 @@ logits are not worth returning), with dynamic batch and sequence axes.
 
 The torch side keeps doing everything that is not a forward: the optimizer, the seeds and the
 directions. The perturbed coefficients fed to ORT are computed with exactly the expression the
-torch layer uses, ``B + scale * noise_like(B, seed)``, from the layer's own noise state, so the
+torch layer uses, ``B + scale * layer.direction(seed)``, from the layer's own noise state, so the
 ORT backend sees bit-identical B +/- eps Z and follows the torch backend's trajectory.
 
 Exporting takes seconds to minutes, so graphs are cached (``$ZOACT_CACHE/onnx``) under a key of
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .layer import ZOActLinear, noise_like
+from .layer import ZOActLinear
 from .paths import atomic_dir, cache_dir
 from .tasks import Batch, ClassificationTask, hidden_states, output_rows
 
@@ -315,7 +315,7 @@ def perturbed(layer: ZOActLinear) -> torch.Tensor:
     _check_ungrouped(layer)
     coeff = layer.B.detach()
     if layer.noise_seed is not None and layer.noise_scale != 0.0:
-        coeff = coeff + layer.noise_scale * noise_like(layer.B, layer.noise_seed)
+        coeff = coeff + layer.noise_scale * layer.direction(layer.noise_seed)
     return coeff
 
 
@@ -325,7 +325,7 @@ def perturb_into(layer: ZOActLinear, out: torch.Tensor) -> None:
     if layer.noise_seed is None or layer.noise_scale == 0.0:
         out.copy_(layer.B.detach())
         return
-    torch.mul(noise_like(layer.B, layer.noise_seed), layer.noise_scale, out=out)
+    torch.mul(layer.direction(layer.noise_seed), layer.noise_scale, out=out)
     out.add_(layer.B.detach())  # fl(s*Z) + B == B + fl(s*Z): the torch layer's value exactly
 
 

@@ -76,6 +76,18 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def scored_mask(batch: Batch) -> torch.Tensor:
+    """1 at the positions whose output the loss reads: a classification prompt's last position
+    (prompts are left-padded), or each position predicting an LM/completion target token."""
+    if batch.target_mask is None:
+        mask = torch.zeros_like(batch.attention_mask)
+        mask[:, -1] = 1
+        return mask
+    mask = torch.zeros_like(batch.attention_mask)
+    mask[:, :-1] = batch.target_mask[:, 1:].to(mask.dtype)
+    return mask
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """fp32, or fp64 when the model already is (tests compare against autograd in fp64)."""
     return t if t.dtype == torch.float64 else t.float()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapter_io, distributed, rundir, targets as tgt
+from . import adapter_io, distributed, perturb, rundir, targets as tgt
 from .basis import BasisConfig, compute_bases
 from .config import TuneConfig
 from .errors import UserError
@@ -36,7 +36,7 @@ from .paths import atomic_write
 from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
 from .prefix import PrefixCache, adapted_blocks, make_loss_terms
 from .subspace import fold_and_resample, input_groups, random_bases
-from .tasks import build_task, hidden_states
+from .tasks import build_task, hidden_states, scored_mask
 from .zo import apply_update, derive_seed, estimate_batches, zo_step
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
         from .fit import apply_profile
 
         cfg = apply_profile(cfg)
+    if cfg.method == "calibrate":  # the prior-only baseline: no weights change
+        from .calibrate import tune_calibrate
+
+        if resume:
+            raise UserError("--resume: calibrate runs take no steps, so there is nothing to resume")
+        return tune_calibrate(cfg)
     if cfg.method in ("mezo", "fo-lora"):  # the baselines: same data, eval and outputs, own loop
         from .baseline_train import tune_baseline
 
@@ -175,6 +181,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         return metrics
 
     # ---- adapters: fresh one-shot bases, or everything from the checkpoint
+    energies: dict = {}  # each activation basis column's energy (--perturb whiten)
     if resume:
         state, P, B, opt_state = adapter_io.load_checkpoint(Path(resume))
         if set(P) != {t.name for t in found} or set(B) != set(P) or any(
@@ -183,6 +190,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         layers = inject_adapters(model, found, P, B, dtype, device)
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
+        perturb.apply(layers, perturb.from_state(state.get("z_scales")))
         if main:
             _truncate_metrics(run.path / "metrics.jsonl", start_step)
     elif cfg.method == "subspace":  # the ablation: random orthonormal bases, same groups and layers
@@ -202,6 +210,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
             lambda b: _forward_only(model, b),
             BasisConfig(rank=cfg.rank, method=cfg.basis_method, passes=cfg.basis_passes, seed=cfg.seed),
             progress=lambda desc, it: tqdm(it, desc=desc, leave=False, unit="batch"),
+            token_mask=scored_mask if cfg.calib_tokens == "scored" else None, energies=energies,
         )
         basis_seconds = time.time() - t0
         del calib
@@ -209,6 +218,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         release_free_memory()
         tune_meter.split("basis")  # the yardstick's phases: see profiler.tune_peak_summary
         layers = inject_adapters(model, found, bases, None, dtype, device)
+        perturb.apply(layers, perturb.column_scales(cfg.perturb, layers, energies or None))
         # Built before anything is written: it refuses unsupported architectures.
         cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
         if cfg.backend == "ort":
@@ -247,7 +257,8 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
     def checkpoint(step):
         if not main:
             return
-        state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict()}
+        state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict(),
+                 "z_scales": perturb.to_state(layers)}
         adapter_io.save_checkpoint(run.path, layers, optimizer, state)
         run.commit()  # an --overwrite run replaces the old one at its first checkpoint
 

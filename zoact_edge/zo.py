@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .layer import ZOActLinear, noise_like
+from .layer import ZOActLinear
 
 
 def derive_seed(*parts: int) -> int:
@@ -85,12 +85,16 @@ def estimate(
 
 @torch.no_grad()
 def write_gradients(layers: Sequence[ZOActLinear], result: ZOResult, step_seed: int) -> None:
-    """Set ``B.grad = mean_q projected_q * Z_q`` for every layer, regenerating Z from the seeds."""
+    """Set ``B.grad = mean_q projected_q * Z_q`` for every layer, regenerating Z from the seeds.
+
+    Z is each layer's :meth:`~zoact_edge.layer.ZOActLinear.direction`, the very draw (with any
+    column scaling) its forward added, so with a scaling D the step follows D^2 times the gradient.
+    """
     queries = len(result.projected)
     for i, layer in enumerate(layers):
         grad = torch.zeros_like(layer.B)
         for q, coef in enumerate(result.projected):
-            z = noise_like(layer.B, layer_seed(derive_seed(step_seed, q), i))
+            z = layer.direction(layer_seed(derive_seed(step_seed, q), i))
             grad.add_(z, alpha=coef / queries)
         layer.B.grad = grad
 

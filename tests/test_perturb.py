@@ -1,0 +1,175 @@
+"""#13's knobs: perturbation scaling, scored-token calibration and the prior-only baseline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_model
+from helpers import forward, randomize_coefficients, rt_examples, rt_task
+from zoact_edge import perturb, targets as tgt
+from zoact_edge.basis import BasisConfig, compute_bases
+from zoact_edge.calibrate import fitted_bias, label_logits, uniform_bias
+from zoact_edge.cli import main
+from zoact_edge.layer import noise_like
+from zoact_edge.tasks import scored_mask
+from zoact_edge.train import inject_adapters
+from zoact_edge.zo import derive_seed, estimate, layer_seed, write_gradients
+
+FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24"]
+
+
+def _bases(model, task, rank=4, token_mask=None, patterns=None, arch_inputs=None):
+    found = tgt.find_targets(model, patterns)
+    batches = [task.collate(rt_examples(16, offset=500))]
+    energies: dict = {}
+    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
+                          batches, lambda b: forward(model, b), BasisConfig(rank=rank, method="gram"),
+                          token_mask=token_mask, energies=energies)
+    return found, bases, energies, batches[0]
+
+
+def _inputs(model, name, batch):
+    """The layer's inputs on ``batch`` as (batch, seq, d_in), captured independently by a hook."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    forward(model, batch)
+    handle.remove()
+    return seen[0]
+
+
+def test_energies_are_each_columns_mean_squared_projection(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    found, bases, energies, batch = _bases(model, task, patterns="v_proj,down_proj")
+    for t in found:
+        X = _inputs(model, t.name, batch)[batch.attention_mask.bool()].double()  # real tokens only
+        expected = ((X @ bases[t.name].double()) ** 2).mean(0)
+        torch.testing.assert_close(energies[t.name].double(), expected, rtol=1e-4, atol=1e-9)
+        assert bool((energies[t.name][:-1] >= energies[t.name][1:] - 1e-6).all())  # descending, as the columns
+
+
+def test_scored_calibration_uses_only_the_last_position(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    found, bases, energies, batch = _bases(model, task, rank=3, token_mask=scored_mask, patterns="q_proj")
+    mask = scored_mask(batch)
+    assert int(mask.sum()) == batch.rows and bool(mask[:, -1].all())
+    for t in found:
+        X = _inputs(model, t.name, batch)[:, -1].double()  # left padding: the scored token is the last
+        A = X.T @ X
+        vals = torch.linalg.eigvalsh(A)
+        # Ky Fan: P captures the top-3 eigenvalues' sum iff it spans a top-3 eigenspace (the
+        # scored token is the same word in every prompt, so deeper eigenvalues may be degenerate)
+        P = bases[t.name].double()
+        torch.testing.assert_close(torch.trace(P.T @ A @ P), vals[-3:].sum(), rtol=1e-6, atol=1e-9)
+        top = vals[-3:].flip(-1) / X.shape[0]
+        torch.testing.assert_close(energies[t.name].double(), top, rtol=1e-4, atol=1e-5 * float(top[0]))
+
+
+def test_column_scales(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    found, bases, energies, _ = _bases(model, task)
+    layers = inject_adapters(model, found, bases, None, torch.float32, torch.device("cpu"))
+    name, layer = next(iter(layers.items()))
+    assert perturb.column_scales("plain", layers)[name] is None
+    torch.testing.assert_close(perturb.column_scales("rank", layers)[name], torch.full((4,), 0.5))
+    torch.testing.assert_close(perturb.column_scales("layer-norm", layers)[name],
+                               torch.full((4,), math.sqrt(layer.in_features / 4)))
+    white = perturb.column_scales("whiten", layers, energies)[name]
+    torch.testing.assert_close(white, (energies[name][0] / energies[name]).sqrt())
+    assert float(white[0]) == 1.0
+    # whitened: every column of Z D P^T moves the layer's output by the same energy on calibration tokens
+    torch.testing.assert_close(energies[name] * white ** 2, energies[name][:1].expand(4), rtol=1e-5, atol=0)
+    # layer-norm: ||Z D P^T||_F^2 averages d_out * d_in, a full-weight N(0, I) perturbation's
+    D = perturb.column_scales("layer-norm", layers)[name]
+    norms = [float(((noise_like(layer.B, s) * D) @ layer.P.T).pow(2).sum()) for s in range(200)]
+    assert abs(sum(norms) / 200 / (layer.out_features * layer.in_features) - 1) < 0.05
+
+
+def test_scaled_estimate_is_the_directional_derivative_along_the_scaled_direction(tokenizer):
+    """In fp64, (L+ - L-)/(2 eps) = <dL/dB, Z D>, and the update regenerates exactly Z D."""
+    model = make_model("gpt2", len(tokenizer)).double()
+    task = rt_task(tokenizer)
+    found, bases, energies, _ = _bases(model, task)
+    layers = inject_adapters(model, found, bases, None, torch.float64, torch.device("cpu"))
+    randomize_coefficients(layers)
+    perturb.apply(layers, perturb.column_scales("whiten", layers, energies))
+    order = list(layers.values())
+    batch = task.collate(rt_examples(8))
+    for l in order:
+        l.B.requires_grad_(True)
+    grads = torch.autograd.grad(task.loss(model, batch), [l.B for l in order])
+    for l in order:
+        l.B.requires_grad_(False)
+
+    def loss_fn():
+        with torch.inference_mode():
+            return float(task.loss(model, batch))
+
+    res = estimate(order, loss_fn, step_seed=5, eps=1e-5)
+    dirs = [noise_like(l.B, layer_seed(derive_seed(5, 0), i)) * l.z_scale for i, l in enumerate(order)]
+    expected = sum(float((g * d).sum()) for g, d in zip(grads, dirs))
+    assert abs(res.projected[0] - expected) <= 2e-5 * max(1.0, abs(expected))
+    write_gradients(order, res, step_seed=5)
+    for l, d in zip(order, dirs):
+        torch.testing.assert_close(l.B.grad, res.projected[0] * d, rtol=1e-12, atol=0)
+
+
+def test_calibration_biases(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    task = rt_task(tokenizer)
+    examples = rt_examples(10)
+    logits = label_logits(model, task, examples, 4, torch.device("cpu"))
+    with torch.inference_mode():
+        one_by_one = torch.cat([task.logits(model, task.collate([ex])).double() for ex in examples])
+    torch.testing.assert_close(logits, one_by_one, rtol=1e-5, atol=1e-6)
+    # uniform: minus log of the mean predicted distribution, after which that mean is uniform
+    u = uniform_bias(logits)
+    torch.testing.assert_close(u, -torch.softmax(one_by_one, -1).mean(0).log(), rtol=1e-5, atol=1e-7)
+    assert float((torch.softmax(logits + u, -1).mean(0) - 0.5).abs().max()) < 0.1
+    # fitted: a stationary point of the cross-entropy in b (its gradient: mean(p) - label frequency)
+    labels = torch.tensor([ex.label for ex in examples])
+    b = fitted_bias(logits, labels)
+    freq = torch.bincount(labels, minlength=2).double() / len(labels)
+    torch.testing.assert_close(torch.softmax(logits + b, -1).mean(0), freq, rtol=0, atol=1e-6)
+    assert abs(float(b.sum())) < 1e-9
+
+
+def test_calibrate_and_whiten_runs(model_dirs, tmp_path):
+    out = tmp_path / "cal"
+    assert main(["tune", "--model", str(model_dirs["llama"]), "--method", "calibrate", "--output", str(out),
+                 "--test-eval", *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cal = json.loads((out / "calibration.json").read_text())
+    assert summary["method"] == "calibrate" and summary["forwards"] == 2 and cal["examples"] == 8
+    assert 0 <= summary["test"]["accuracy"] <= 1
+    assert summary["zero_shot"]["examples"] == summary["tuned"]["examples"] == 16
+    assert main(["tune", "--model", str(model_dirs["llama"]), "--method", "mezo", "--perturb", "rank",
+                 "--output", str(tmp_path / "bad"), *FAST]) == 2
+
+
+def test_whitened_scored_run_resumes_bit_identically(model_dirs, tmp_path):
+    """The checkpoint keeps the column scales: a resumed run draws the same directions."""
+    args = ["tune", "--model", model_dirs["llama"], *FAST, "--perturb", "whiten", "--calib-tokens", "scored",
+            "--steps", "6", "--save-every", "3", "--lr", "1e-2", "--eps", "1e-2"]
+    ref = _cli([*args, "--output", tmp_path / "ref"])
+    assert ref.returncode == 0, ref.stderr
+    assert _cli([*args, "--output", tmp_path / "run"], env={"ZOACT_KILL_AT_STEP": "5"}).returncode == -9
+    state = json.loads((tmp_path / "run/checkpoint/state.json").read_text())
+    assert state["step"] == 3 and len(state["z_scales"]) == 14 and all(len(v) == 4 for v in state["z_scales"].values())
+    resumed = _cli(["tune", "--resume", tmp_path / "run"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "ref/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "zoact_edge", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)

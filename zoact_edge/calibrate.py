@@ -1,0 +1,130 @@
+"""``tune --method calibrate``: the prior-only baseline. No weight changes.
+
+A zero-shot classifier often leans towards one label word whatever the input (the default model
+answers Rotten Tomatoes at the majority-class rate). Part of any tuned gain may be nothing more
+than undoing that lean. This baseline measures how much. It runs the zero-shot model once on
+``--calib-samples`` training examples and keeps their label logits, then classifies with
+``logits + b`` for a per-label bias b, fitted two ways:
+
+* ``fitted`` (the run's ``tuned`` metrics): b minimises the cross-entropy of ``logits + b`` on
+  those labelled examples: the best a pure prior shift can do (a convex fit of one number per
+  label; it also learns the labels' frequencies);
+* ``uniform`` (``summary["calibrated_uniform"]``, reads no labels): ``b = -log p̄``, p̄ the mean
+  predicted label distribution on those examples, so every label is predicted equally often on
+  average: contextual calibration (Zhao et al., 2021) with real unlabelled inputs in place of a
+  content-free one. It assumes balanced labels.
+
+It writes what a training run writes (``run_config.json``, an empty ``metrics.jsonl``,
+``summary.json`` with ``zero_shot`` and ``tuned`` metrics, the calibration forwards as
+``forwards``), plus ``calibration.json`` with both biases, so benchmark harnesses treat it like
+any other method.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .config import TuneConfig
+from .errors import UserError
+from .evaluate import evaluate
+from .models import load_model
+from .paths import atomic_write
+from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
+from .tasks import ClassificationTask, build_task
+from .zo import derive_seed
+
+CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stream of the run
+
+
+@torch.inference_mode()
+def label_logits(model, task: ClassificationTask, examples: list, batch_size: int, device) -> torch.Tensor:
+    """The zero-shot label logits of ``examples`` (examples x labels, fp64, CPU)."""
+    return torch.cat([task.logits(model, task.collate(examples[s:s + batch_size]).to(device)).double().cpu()
+                      for s in range(0, len(examples), batch_size)])
+
+
+def uniform_bias(logits: torch.Tensor) -> torch.Tensor:
+    """``-log`` of the mean predicted label distribution (no labels read)."""
+    return -torch.softmax(logits, -1).mean(0).log()
+
+
+def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """The bias minimising the mean cross-entropy of ``logits + b`` (convex; L-BFGS; sum(b) = 0)."""
+    b = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits + b, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (b - b.mean()).detach()
+
+
+def tune_calibrate(cfg: TuneConfig) -> dict:
+    from .train import claim_output
+
+    t_start = time.time()
+    with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
+        summary = _tune_calibrate(cfg, run, t_start)
+    summary["output"] = str(run.final)
+    return summary
+
+
+def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
+    from .train import _write_json, run_costs
+
+    out = run.path
+    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
+    model, device = loaded.model, loaded.device
+    task, splits = build_task(cfg, loaded.tokenizer)
+    if not isinstance(task, ClassificationTask):
+        raise UserError(f"--method calibrate is for classification tasks, not --task {cfg.task}")
+    eval_set = splits.validation[: cfg.eval_samples or None]
+    probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
+    yardstick = inference_peak(model, task, probe, device)
+    meter = Meter(device)
+    meter.start()
+
+    def run_eval(desc, examples=eval_set, bias=None):
+        return evaluate(model, task, examples, cfg.eval_batch_size, device, desc=desc, logit_bias=bias)
+
+    zero_shot = run_eval("zero-shot eval")
+    n = min(cfg.calib_samples, len(splits.train))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, CALIBRATE_TAG))
+    idx = torch.randperm(len(splits.train), generator=gen)[:n].tolist()
+    t_loop = time.time()
+    chosen = [splits.train[i] for i in idx]
+    logits = label_logits(model, task, chosen, cfg.batch_size, device)
+    bias = fitted_bias(logits, torch.tensor([ex.label for ex in chosen]))
+    uniform = uniform_bias(logits)
+    loop_seconds = time.time() - t_loop
+    tuned = run_eval("calibrated eval", bias=bias)
+    uniform_metrics = run_eval("uniform-prior eval", bias=uniform)
+    test = run_eval("test eval", splits.test, bias) if cfg.test_eval else None
+    _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+    with atomic_write(out / "metrics.jsonl"):  # no steps: an empty log
+        pass
+    _write_json(out / "calibration.json", {"label_words": task.label_words, "logit_bias": bias.tolist(),
+                                           "uniform_logit_bias": uniform.tolist(), "examples": n, "example_indices": idx})
+    batches = math.ceil(n / cfg.batch_size)
+    summary = {
+        "method": "calibrate",
+        "zero_shot": zero_shot,
+        "tuned": tuned,
+        "calibrated_uniform": uniform_metrics,
+        **({"test": test} if test is not None else {}),
+        "forwards": batches,  # batch-sized forwards spent estimating the prior (no training steps)
+        "steps": batches, "calibration_examples": n, "bits": cfg.bits, "device": str(device),
+        **run_costs(loop_seconds, batches, t_start),
+        **tune_peak_summary(meter.stop(), yardstick, probe.input_ids.shape),
+    }
+    _write_json(out / "summary.json", summary)
+    run.commit()  # complete: an --overwrite run replaces the old one only now
+    return summary
