@@ -96,19 +96,20 @@ def inject_adapters(model, found: list[tgt.Target], bases: dict, coeffs: dict | 
     with accelerate's ``device_map="auto"`` gets its adapters next to the weights they adapt.
 
     ``dtype`` is that of the bases and the adapter's matmuls. The coefficients B are the trained
-    tensor and stay fp32 whatever ``dtype`` is: the optimizer steps an fp32 master copy. (fp16 B
+    tensor and stay fp32 (fp64 with fp64 bases): the optimizer steps an fp32 master copy. (fp16 B
     under Adam turned every loss non-finite from the second step on CUDA: an Adam second moment
     0.001 g^2 underflows to 0 in fp16 for |g| < 8e-3, and fp16 has no room for eps = 1e-8.)
     """
     place = {t.name: device if device is not None else next(model.get_submodule(t.name).parameters()).device
              for t in found}
     members = collections.Counter((id(bases[t.name]), place[t.name]) for t in found)
+    coeff_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 where the bases are fp64
     moved: dict[tuple, tuple[torch.Tensor, SharedProjection]] = {}
     for t in found:
         P, dev = bases[t.name], place[t.name]
         P_dev, shared = moved.setdefault((id(P), dev), (P.to(device=dev, dtype=dtype), SharedProjection(members[id(P), dev])))
-        B = (coeffs[t.name].to(device=dev, dtype=torch.float32) if coeffs else
-             torch.zeros(t.d_out, P.shape[1], device=dev, dtype=torch.float32))
+        B = (coeffs[t.name].to(device=dev, dtype=coeff_dtype) if coeffs else
+             torch.zeros(t.d_out, P.shape[1], device=dev, dtype=coeff_dtype))
         tgt.wrap(model, t.name, P_dev, B, shared)
     return tgt.adapters(model)
 
