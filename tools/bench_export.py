@@ -6,6 +6,9 @@
 
 Stages (each adds its entry to ``--out``, so stages can be run one at a time as runs finish):
 
+* ``bnb4-layers``: every ``Linear4bit`` of a ``--bits 4`` run's model through the export's own
+  ``frozen_weight`` + ``write_bnb4`` path on a one-MatMul graph, against bitsandbytes'
+  dequantization and forward (no export needed; a minute or two).
 * ``nf4``: ``export`` of a ``tune --bits 4`` run (its own bitsandbytes weights as MatMulBnb4, the
   adapter path float), then ``eval --onnx`` on the validation split, against the accuracy ``tune``
   reported; the export's logit difference against PyTorch running the same bitsandbytes model
@@ -47,7 +50,7 @@ from zoact_edge.paths import atomic_write  # noqa: E402
 PROMPTS = ["Review: a joyless, plodding film\nSentiment: It was",
            "Review: one of the warmest, funniest movies of the year\nSentiment: It was",
            "The capital of France is"]
-STAGES = {"nf4": ("run4", {}), "fp32": ("run32", {}), "int4": ("run32", {"int4": True}),
+STAGES = {"bnb4-layers": ("run4", None), "nf4": ("run4", {}), "fp32": ("run32", {}), "int4": ("run32", {"int4": True}),
           "merged-int4": ("run32", {"int4": True, "merge": True})}
 
 
@@ -93,40 +96,43 @@ def greedy_match(folder: Path, model, tokenizer, new_tokens: int) -> list[dict]:
 
 
 @functools.cache
-def check_bnb4_layers(folder: Path, run_dir: str) -> dict:
-    """Every MatMulBnb4 node of the export against the bitsandbytes layer it came from: its bytes,
-    and the weight it computes (the node run on an identity input) against bitsandbytes' own
-    ``dequantize_4bit``."""
+def bnb4_layer_stage(run_dir: str) -> dict:
+    """Every ``Linear4bit`` of a --bits 4 run's model through the export's own path
+    (``frozen_weight`` then ``write_bnb4`` on a one-MatMul graph) vs bitsandbytes' dequantization
+    and forward, on a random batch of 4 rows: the packing order on real layers, without an export."""
     import bitsandbytes.functional as bnbf
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = onnx.load(str(folder / "model.onnx")).graph
-    data = {i.name: i for i in graph.initializer}
+    from zoact_edge.export_layers import frozen_weight
+
     model = load_run(run_dir, ExportOptions()).model
-    worst, same_bytes, n = 0.0, 0, 0
-    for node in (x for x in graph.node if x.op_type == "MatMulBnb4"):
-        name = node.input[1].removeprefix("model.").rsplit(".frozen_t.", 1)[0]
-        weight = model.get_submodule(name).weight
-        packed = numpy_helper.to_array(data[node.input[1]])
-        same_bytes += bool(np.array_equal(packed, weight.data.view(torch.uint8).reshape(-1).numpy()))
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        K, N = attrs["K"], attrs["N"]
-        one = helper.make_graph([helper.make_node("MatMulBnb4", ["x", *node.input[1:]], ["y"], domain="com.microsoft",
-                                                  **attrs)], "one",
-                                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [K, K])],
-                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [K, N])],
-                                [data[node.input[1]], data[node.input[2]]])
-        sess = ort.InferenceSession(helper.make_model(one, opset_imports=[helper.make_opsetid("", 18),
-                                                                          helper.make_opsetid("com.microsoft", 1)])
-                                    .SerializeToString(), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"x": np.eye(K, dtype=np.float32)})[0]
-        ref = bnbf.dequantize_4bit(weight.data, weight.quant_state).float().T.numpy()
-        worst = max(worst, float(np.abs(got - ref).max()))
-        n += 1
-    return {"layers": n, "bytes_identical": same_bytes, "max_abs_weight_diff_vs_bnb_dequantize": worst}
+    gen = torch.Generator().manual_seed(0)
+    worst_dense, worst_forward, identical, n, forms = 0.0, 0.0, 0, 0, set()
+    for module in (m for m in model.modules() if type(m).__name__ == "Linear4bit"):
+        fw = frozen_weight(module)
+        K, N = fw.shape
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "one",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                                  [numpy_helper.from_array(np.zeros((K, N), np.float32), "W")])
+        one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        onnx_forms.write_bnb4(one, {"W": {"form": fw.form, "packed": fw.packed, "absmax": fw.absmax,
+                                          "block_size": fw.block_size, "K": K, "N": N}})
+        x = torch.randn(4, K, generator=gen)
+        y = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        dense = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        with torch.no_grad():
+            ref, forward = (x @ dense.T).numpy(), module(x).numpy()
+        scale = float(np.abs(ref).max())
+        worst_dense = max(worst_dense, float(np.abs(y - ref).max()) / scale)
+        worst_forward = max(worst_forward, float(np.abs(y - forward).max()) / scale)
+        identical += bool(np.array_equal(fw.packed, module.weight.data.view(torch.uint8).reshape(-1).numpy())
+                          and torch.equal(fw.weight_t, dense.T))
+        n, forms = n + 1, forms | {f"{fw.form}/block {fw.block_size}"}
+    return {"run": run_dir, "layers": n, "forms": sorted(forms), "data_identical_to_bnb": identical,
+            "max_rel_diff_vs_x_at_bnb_dequantize": worst_dense, "max_rel_diff_vs_bnb_forward": worst_forward}
 
 
 def pytorch_accuracy(run_dir: str) -> dict:
@@ -161,8 +167,6 @@ def run_stage(stage: str, run_dir: str, work: Path, args) -> dict:
     result["pytorch"] = pytorch_accuracy(run_dir)
     result["accuracy_points_vs_pytorch"] = round(100 * (result["eval_onnx"]["accuracy"]
                                                         - result["pytorch"]["accuracy"]), 2)
-    if any(k in report for k in ("nf4", "fp4")):
-        result["bnb4_layers_checked"] = check_bnb4_layers(folder, run_dir)
     model, tokenizer = torch_reference(run_dir, folder, opts)
     result["greedy"] = greedy_match(folder, model, tokenizer, args.new_tokens)
     result["greedy_all_same"] = all(r["same_tokens"] for r in result["greedy"])
@@ -195,7 +199,10 @@ def main() -> None:
         run_dir = getattr(args, STAGES[stage][0])
         if not run_dir:
             raise SystemExit(f"stage {stage} needs --{STAGES[stage][0]}")
-        entry = run_stage(stage, run_dir, Path(args.work), args)
+        if STAGES[stage][1] is None:
+            entry = bnb4_layer_stage(run_dir)
+        else:
+            entry = run_stage(stage, run_dir, Path(args.work), args)
         results = json.loads(out.read_text()) if out.is_file() else {}  # read late: stages may run side by side
         results[stage] = entry
         fp32_bytes = fp32_export_bytes(results)
@@ -206,7 +213,7 @@ def main() -> None:
         results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
         with atomic_write(out) as f:
             json.dump(results, f, indent=2)
-        print(json.dumps({k: v for k, v in results[stage].items() if k not in ("report", "greedy")}, indent=2))
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("report", "greedy")}, indent=2))
 
 
 if __name__ == "__main__":
