@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import os
 
 import pytest
 
@@ -34,3 +35,21 @@ def test_default_model_is_pretrained_and_tunes(tmp_path, capsys):
         assert summary["adapted_layers"] == 210 and summary["bits"] == int(bits)
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["r"] == 16 and len(cfg["target_modules"]) == 210
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")) and not os.environ.get("ZOACT_SLOW_EXPORT"),
+                    reason="exports the 135M model (minutes on 2 cores); ZOACT_SLOW_EXPORT=1 runs it in CI")
+def test_default_model_4bit_run_exports_its_own_nf4_weights(tmp_path):
+    from zoact_edge.export import ExportOptions, export
+    from zoact_edge.models import load_model
+
+    run = tmp_path / "run4"
+    assert main(["tune", "--bits", "4", "--steps", "2", "--batch-size", "4", "--calib-samples", "8",
+                 "--eval-samples", "8", "--output", str(run)]) == 0
+    report = export(str(run), str(tmp_path / "onnx"), ExportOptions(eval_samples=8))
+    nf4 = report["nf4"]  # export itself fails above 1e-4 x max |logit| against the bitsandbytes model
+    assert nf4["max_abs_logit_diff"] <= 1e-4 * max(1.0, nf4["max_abs_logit"]) and nf4["validation"]["examples"] == 8
+    layers = json.loads((tmp_path / "onnx" / "zoact_onnx.json").read_text())["layers"]
+    assert len(layers) == 210 and all(v == {"form": "nf4", "adapter": True} for v in layers.values())
+    fp32_bytes = 4 * sum(p.numel() for p in load_model(None, 32, device="cpu").model.parameters())
+    assert nf4["bytes"] <= 0.45 * fp32_bytes

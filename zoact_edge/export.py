@@ -4,9 +4,15 @@ Why our own ``torch.onnx.export`` and not a packaged exporter: optimum-onnx (who
 ``ORTModelForCausalLM`` would run the result) needs ``transformers<4.58`` and this project runs
 on transformers 5; onnxruntime-genai's model builder re-implements each architecture itself and
 covers Llama-family models but not GPT-2 or OPT, which this toolkit tunes too. Exporting the very
-forward PyTorch runs (with the adapter merged) works for every architecture the tuner supports,
-is checked against PyTorch logit by logit at export time, and needs only onnxruntime + numpy
-to run (:mod:`zoact_edge.onnx_runtime`).
+forward PyTorch runs works for every architecture the tuner supports, is checked against PyTorch
+logit by logit at export time, and needs only onnxruntime + numpy to run
+(:mod:`zoact_edge.onnx_runtime`).
+
+What is exported is what was tuned: the frozen weights and the adapter path ``(x @ P) @ B^T``
+stay apart (:mod:`zoact_edge.export_layers`), so a run tuned on bitsandbytes 4-bit weights ships
+those very weights (``MatMulBnb4``), and ``--int4`` re-quantizes only the frozen weights of a
+16/32-bit run while the small update stays float (:mod:`zoact_edge.onnx_forms`). ``--merge``
+folds ``B P^T`` into float weights instead, for a plain model.
 
 The graph is one decoder step for any prompt length: inputs ``input_ids``, ``attention_mask``
 (past + new tokens), ``position_ids`` and ``past_key_values.{i}.key/value`` (batch, kv heads,
@@ -16,19 +22,21 @@ The names follow the usual ONNX decoder convention.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import adapter_io, rundir, targets as tgt
+from . import adapter_io, onnx_forms, rundir, targets as tgt
 from .errors import UserError
-from .onnx_runtime import META, OnnxDecoder, folder_bytes
+from .export_layers import FROZEN, INT8_REFUSAL, stand_ins, swapped
+from .onnx_backend import INT4_BLOCK, require_onnxruntime
+from .onnx_runtime import META, MODEL, OnnxDecoder, folder_bytes
 from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -38,49 +46,6 @@ PARITY_TEXTS = [
     "the plot is thin and the jokes fall flat",
     "One of the best movies of the year.",
 ]
-
-
-# --------------------------------------------------------------------------- merging
-
-
-def merge_adapter(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """``W += B P^T`` for every adapted linear, in place (GPT-2's Conv1D stores W transposed)."""
-    with torch.no_grad():
-        for name, (P, B) in pairs.items():
-            module = model.get_submodule(name)
-            if not isinstance(getattr(module, "weight", None), torch.Tensor) or not module.weight.is_floating_point():
-                raise UserError(f"cannot merge into {name}: its weight is not a float tensor")
-            delta = (B.double() @ P.double().T)  # (d_out, d_in)
-            if type(module).__name__ == "Conv1D":
-                delta = delta.T
-            if delta.shape != module.weight.shape:
-                raise UserError(f"adapter does not fit the model: {name} is {tuple(module.weight.shape)}")
-            module.weight.add_(delta.to(module.weight.dtype))
-
-
-def load_merged(adapter_dir: str | Path, trust_remote_code: bool = False):
-    """The fp32 base model of a run with its adapter merged, its tokenizer and the run config."""
-    from .models import load_model
-
-    adapter_dir = Path(adapter_dir)
-    pcfg, pairs = adapter_io.load_peft(adapter_dir)
-    run_cfg_path = adapter_dir / "run_config.json"
-    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
-    if run_cfg.get("bits", 32) in (4, 8):
-        # The adapter was tuned against quantized weights; merging into the fp32 originals would
-        # silently export a different model than the one evaluated.
-        raise UserError("export of adapters tuned with --bits 4/8 is not supported; tune with --bits 32 or 16")
-    model_id = run_cfg.get("model") or pcfg.get("base_model_name_or_path")
-    loaded = load_model(model_id, 32, device="cpu", trust_remote_code=trust_remote_code)
-    for name, (P, B) in pairs.items():
-        try:
-            d_in, d_out = tgt.dims(loaded.model.get_submodule(name))
-        except AttributeError:
-            raise UserError(f"adapter {adapter_dir} does not fit this model: no module {name}") from None
-        if (d_in, d_out) != (P.shape[0], B.shape[0]):
-            raise UserError(f"adapter {adapter_dir} does not fit this model: {name} is {d_in}->{d_out}")
-    merge_adapter(loaded.model, pairs)
-    return loaded.model, loaded.tokenizer, run_cfg
 
 
 # --------------------------------------------------------------------------- the decoder graph
@@ -174,82 +139,144 @@ def parity(model, decoder: OnnxDecoder, tokenizer, texts=PARITY_TEXTS, new_token
     return worst, scale
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
-    """Every constant-weight MatMul becomes an int4 MatMulNBits (symmetric, per block)."""
-    import onnx
+# --------------------------------------------------------------------------- the tuned run
 
-    from .onnx_backend import matmul_nbits_quantizer
 
-    q = matmul_nbits_quantizer()(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True)
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+@dataclass
+class ExportOptions:
+    int4: bool = False  # 16/32-bit runs: frozen weights as int4 MatMulNBits, the adapter path float
+    merge: bool = False  # fold B P^T into the float weights: a plain model without an adapter path
+    block_size: int = 32  # int4 block along the input dimension
+    tolerance: float = 1e-4  # parity bound, times the largest |logit|
+    eval_samples: int = 200  # validation examples for the report (0: all)
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TunedRun:
+    model: nn.Module  # the frozen model the run tuned (fp32 or bitsandbytes 4-bit), no adapters yet
+    tokenizer: object
+    config: dict  # run_config.json ({} if the folder has none)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {linear: (P, B)}
+    int4_block: int | None  # the run tuned int4 MatMulNBits weights of this block size (--backend ort --bits 4)
+
+
+def load_run(adapter_dir: str | Path, opts: ExportOptions) -> TunedRun:
+    """The frozen model exactly as the run tuned it, its adapter, tokenizer and config.
+
+    Refuses what cannot be exported faithfully before loading anything large.
+    """
+    from .models import load_model
+
+    adapter_dir = Path(adapter_dir)
+    pcfg, pairs = adapter_io.load_peft(adapter_dir)
+    cfg_path = adapter_dir / "run_config.json"
+    run_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    bits, ort_int4 = run_cfg.get("bits", 32), run_cfg.get("backend") == "ort" and run_cfg.get("bits") == 4
+    if bits == 8:
+        raise UserError(INT8_REFUSAL)
+    if bits == 4 and opts.merge:
+        raise UserError("--merge needs float weights; this run was tuned on 4-bit weights, which are exported "
+                        "as they are with the adapter path beside them")
+    if bits == 4 and opts.int4 and not ort_int4:
+        raise UserError("--int4 re-quantizes the weights of 16/32-bit runs; this run was tuned on bitsandbytes "
+                        f"{run_cfg.get('quant_type', 'nf4')} weights, which are exported as they are")
+    model_id = run_cfg.get("model") or pcfg.get("base_model_name_or_path")
+    # --backend ort --bits 4 tuned the int4 graph of the fp32 weights: load fp32 and re-quantize alike
+    load_bits = 4 if bits == 4 and not ort_int4 else 32
+    loaded = load_model(model_id, load_bits, run_cfg.get("quant_type", "nf4"), device="cpu",
+                        trust_remote_code=opts.trust_remote_code)
+    return TunedRun(loaded.model, loaded.tokenizer, run_cfg, pairs, INT4_BLOCK if ort_int4 else None)
+
+
+def _validation_set(run: TunedRun, eval_samples: int):
+    """The run's task and its first ``eval_samples`` validation examples (None, None without a run config)."""
+    if not run.config:
+        return None, None
+    from .config import TuneConfig, build_config
+    from .tasks import build_task
+
+    known = {k: v for k, v in run.config.items() if k in TuneConfig.__dataclass_fields__}
+    task, splits = build_task(build_config(TuneConfig, known, {}), run.tokenizer)
+    return task, splits.validation[:eval_samples or None]
+
+
+def _measure(folder: Path, reference, tokenizer, task, examples) -> dict:
+    """Size, largest logit difference against ``reference`` and validation metrics of the graph in ``folder``."""
+    from .onnx_runtime import evaluate_onnx
+
+    decoder = OnnxDecoder(folder)
+    diff, scale = parity(reference, decoder, tokenizer)
+    info = {"bytes": folder_bytes(folder), "max_abs_logit_diff": diff, "max_abs_logit": scale}
+    if task is not None:
+        info["validation"] = evaluate_onnx(decoder, task, examples)
+    return info
 
 
 # --------------------------------------------------------------------------- the command
 
 
-def export(adapter: str, out: str, int4: bool = False, tolerance: float = 1e-4, block_size: int = 32,
-           overwrite: bool = False, eval_samples: int = 200, trust_remote_code: bool = False) -> dict:
-    """Merge, export, check parity (fail above ``tolerance``), optionally int4; write ``out``."""
-    from .onnx_backend import require_onnxruntime
-
+def export(adapter: str, out: str, opts: ExportOptions | None = None) -> dict:
+    """Export the run in ``adapter`` to ``out``; fail if the graph disagrees with PyTorch."""
+    opts = opts or ExportOptions()
     require_onnxruntime()
     out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not opts.overwrite)):
         raise UserError(f"--out {out} exists and is not an empty folder; pass --overwrite to replace it")
-    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+    if opts.overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
         raise UserError(f"--out {out} is not an export (no {META}); --overwrite only replaces an earlier export")
     with rundir.reading(adapter, f"--adapter {adapter}"):  # refused while a tune writes it
-        model, tokenizer, run_cfg = load_merged(adapter, trust_remote_code)
-    report: dict = {"adapter": str(adapter), "tolerance": tolerance}
+        run = load_run(adapter, opts)
+    int4 = opts.int4 or run.int4_block is not None
+    block = run.int4_block or opts.block_size
+    modules, weights = stand_ins(run.model, run.pairs, merge=opts.merge)
+    task, examples = _validation_set(run, opts.eval_samples)
+    report: dict = {"adapter": str(adapter), "tolerance": opts.tolerance, "merged": opts.merge}
     with atomic_dir(out_dir) as tmp:
-        meta = export_decoder(model, tmp / "model.onnx")
-        meta.update({"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+        log.info("exporting the decoder graph (%d linears, adapter %s)", len(weights),
+                 "merged" if opts.merge else "as a float path")
+        with swapped(run.model, modules):
+            meta = export_decoder(run.model, tmp / MODEL)
+        del modules
+        for name, (P, B) in run.pairs.items():  # the PyTorch reference: the run's model with its adapter
+            tgt.wrap(run.model, name, P.float(), B.float())
+        initializer = {name: f"model.{name}.{FROZEN}" for name in weights}  # DecoderWithPast holds it as .model
+        bnb4 = {initializer[n]: {"form": w.form, "packed": w.packed, "absmax": w.absmax, "block_size": w.block_size,
+                                 "K": w.shape[0], "N": w.shape[1]} for n, w in weights.items() if w.form != "float"}
+        if bnb4:
+            log.info("writing the run's own 4-bit weights into %d MatMulBnb4 nodes", len(bnb4))
+            onnx_forms.rewrite(tmp / MODEL, bnb4=bnb4)
+        first = next(iter(bnb4.values()))["form"] if bnb4 else "fp32"
+        meta.update({"eos_token_id": run.tokenizer.eos_token_id, "pad_token_id": run.tokenizer.pad_token_id})
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        fp32 = OnnxDecoder(tmp)
-        diff, scale = parity(model, fp32, tokenizer)
-        report["fp32"] = {"max_abs_logit_diff": diff, "max_abs_logit": scale, "bytes": folder_bytes(tmp)}
+        report[first] = _measure(tmp, run.model, run.tokenizer, task, examples)
+        diff, scale = report[first]["max_abs_logit_diff"], report[first]["max_abs_logit"]
         # relative to the logits' scale: fp32 rounding grows with depth and logit size
-        if not np.isfinite(diff) or diff > tolerance * max(1.0, scale):
+        if not np.isfinite(diff) or diff > opts.tolerance * max(1.0, scale):
             raise UserError(f"exported model disagrees with PyTorch: max |logit diff| {diff:.3g} > tolerance "
-                            f"{tolerance:g} x max |logit| {max(1.0, scale):.3g}; nothing was written")
-        if int4:
-            report["int4"] = _to_int4(tmp, model, tokenizer, run_cfg, block_size, eval_samples, fp32)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if run_cfg:
-            (tmp / "run_config.json").write_text(json.dumps(run_cfg, indent=2))
+                            f"{opts.tolerance:g} x max |logit| {max(1.0, scale):.3g}; nothing was written")
+        forms = {n: w.form for n, w in weights.items()}
+        if int4:  # the int4 graph is measured against the float model: rounding the weights is the point
+            log.info("quantizing %d frozen weights to int4 MatMulNBits (block %d)", len(initializer), block)
+            onnx_forms.rewrite(tmp / MODEL, int4=set(initializer.values()), block_size=block)
+            report["int4"] = {"block_size": block, **_measure(tmp, run.model, run.tokenizer, task, examples)}
+            forms = dict.fromkeys(weights, "int4")
+        meta["layers"] = {n: {"form": f, "adapter": n in run.pairs and not opts.merge} for n, f in forms.items()}
         meta["export"] = report
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+        _write_companions(tmp, run, meta)
     return report
 
 
-def _to_int4(folder: Path, model, tokenizer, run_cfg, block_size, eval_samples, fp32: OnnxDecoder) -> dict:
-    """Replace ``folder/model.onnx`` by its int4 version; report size and accuracy changes."""
-    from .onnx_runtime import evaluate_onnx
-
-    task = examples = None
-    info: dict = {"block_size": block_size}
-    if run_cfg:
-        from .config import TuneConfig, build_config
-        from .tasks import build_task
-
-        known = {k: v for k, v in run_cfg.items() if k in TuneConfig.__dataclass_fields__}
-        task, splits = build_task(build_config(TuneConfig, known, {}), tokenizer)
-        examples = splits.validation[:eval_samples or None]
-        info["validation_fp32"] = evaluate_onnx(fp32, task, examples)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        q = Path(scratch) / "model.onnx"
-        quantize_int4(folder / "model.onnx", q, block_size)
-        for f in ("model.onnx", "model.onnx.data"):
-            (folder / f).unlink(missing_ok=True)
-        for f in Path(scratch).iterdir():
-            shutil.move(str(f), folder / f.name)
-    int4 = OnnxDecoder(folder)
-    info["bytes"] = folder_bytes(folder)
-    info["max_abs_logit_diff_vs_torch"], _ = parity(model, int4, tokenizer)
-    if task is not None:
-        info["validation_int4"] = evaluate_onnx(int4, task, examples)
-    return info
+def _write_companions(folder: Path, run: TunedRun, meta: dict) -> None:
+    """Config, tokenizer, run config and the graph description beside the model."""
+    config = copy.deepcopy(run.model.config)
+    if hasattr(config, "quantization_config"):  # the graph holds the weights; nothing for transformers to quantize
+        del config.quantization_config
+    config.save_pretrained(folder)
+    if getattr(run.model, "generation_config", None) is not None:
+        run.model.generation_config.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+    if run.config:
+        (folder / "run_config.json").write_text(json.dumps(run.config, indent=2))
+    (folder / META).write_text(json.dumps(meta, indent=2))

@@ -210,24 +210,6 @@ def cached_loss_graph(model, task, layers: dict[str, ZOActLinear], example: Batc
 # --------------------------------------------------------------------------- int4
 
 
-def matmul_nbits_quantizer():
-    """ORT's ``MatMulNBitsQuantizer`` class, without its import-time side effects on logging.
-
-    Its module calls ``logging.basicConfig(level=INFO)`` on import and logs a line per node; the
-    root logger is put back as it was and the quantizer's own logger limited to warnings.
-    """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
-    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
-    return MatMulNBitsQuantizer
-
-
 def basis_matmuls(graph, p_names: set[str]) -> list:
     """The ``x @ P`` MatMul nodes: those whose weight is a basis initializer."""
     return [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in p_names]
@@ -242,6 +224,8 @@ def quantize_loss_graph(src: Path, dst: Path, p_names: set[str], n_bases: int, b
     that is an error rather than a guess.
     """
     import onnx
+
+    from .onnx_forms import matmul_nbits_quantizer
 
     MatMulNBitsQuantizer = matmul_nbits_quantizer()
     model = onnx.load(str(src))

@@ -16,20 +16,26 @@ from .errors import UserError
 def add_onnx_parsers(sub) -> None:
     ex = sub.add_parser(
         "export", argument_default=argparse.SUPPRESS,
-        help="merge a tuned adapter and write a standalone ONNX model with KV cache",
-        description="Merge delta W = B P^T into the base weights, export an ONNX decoder with KV cache plus "
-                    "tokenizer and config, and check its logits against PyTorch (fails above --tolerance). "
+        help="write a tuned run as a standalone ONNX model with KV cache",
+        description="Export an ONNX decoder with KV cache plus tokenizer and config: the frozen weights as the "
+                    "run tuned them (fp32, or the run's own bitsandbytes nf4/fp4 data for --bits 4) and the "
+                    "adapter path (x P) B^T in float beside them. Checks its logits against PyTorch running the "
+                    "same model and adapter (fails above --tolerance) and reports size and validation accuracy. "
                     "Run it with `zoact-edge generate --onnx DIR` or `zoact-edge eval --onnx DIR`.",
     )
     ex.add_argument("--adapter", metavar="DIR", required=True, help="run folder written by tune")
     ex.add_argument("--out", metavar="DIR", required=True, help="folder to write the ONNX model to")
-    ex.add_argument("--int4", action="store_true", help="quantize the weight MatMuls to int4 (ORT MatMulNBits)")
+    ex.add_argument("--int4", action="store_true",
+                    help="16/32-bit runs: frozen weights as int4 (ORT MatMulNBits), the adapter path kept float")
+    ex.add_argument("--merge", action="store_true",
+                    help="16/32-bit runs: fold B P^T into the weights (a plain model; with --int4 the update is "
+                         "rounded with the weights)")
     ex.add_argument("--block-size", type=int, metavar="N", help="int4 quantization block size (default: 32)")
     ex.add_argument("--tolerance", type=float, metavar="T",
                     help="largest allowed |logit difference| of the fp32 export vs PyTorch, relative to the "
                          "largest |logit| (default: 1e-4)")
     ex.add_argument("--eval-samples", type=int, metavar="N",
-                    help="validation examples for the int4 accuracy report (default: 200; 0: all)")
+                    help="validation examples for the accuracy report (default: 200; 0: all)")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (other folders are refused)")
 
     gen = sub.add_parser(
@@ -43,14 +49,12 @@ def add_onnx_parsers(sub) -> None:
 
 
 def cmd_export(args: dict) -> int:
-    from .export import export
+    from .export import ExportOptions, export
 
-    block = args.get("block_size", 32)
-    if block < 16 or block & (block - 1):
+    opts = ExportOptions(**{k: args[k] for k in ExportOptions.__dataclass_fields__ if k in args})
+    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
         raise UserError("--block-size must be a power of two >= 16")
-    report = export(args["adapter"], args["out"], int4=args.get("int4", False), tolerance=args.get("tolerance", 1e-4),
-                    block_size=block, overwrite=args.get("overwrite", False),
-                    eval_samples=args.get("eval_samples", 200))
+    report = export(args["adapter"], args["out"], opts)
     print(json.dumps({"out": args["out"], **report}, indent=2))
     return 0
 

@@ -104,11 +104,13 @@ def generate_text(folder: str, prompt: str, max_new_tokens: int = 32) -> str:
 
 def evaluate_onnx(decoder: OnnxDecoder, task, examples: list, batch_size: int = 16) -> dict:
     """The metrics of :func:`zoact_edge.evaluate.evaluate`, computed by the exported graph."""
+    from tqdm.auto import tqdm
+
     from .tasks import ClassificationTask
 
     classification = isinstance(task, ClassificationTask)
     correct, loss_sum, nll, tokens = 0, 0.0, 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval onnx", unit="batch", leave=False):
         chunk = examples[start:start + batch_size]
         batch = task.collate(chunk)
         ids, mask, pos = (batch.input_ids.numpy(), batch.attention_mask.numpy(), batch.position_ids.numpy())
