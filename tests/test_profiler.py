@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,21 +56,32 @@ def test_held_state_and_transients_are_told_apart():
     del held
 
 
+_SUB_PHASES = """
+import torch
+from zoact_edge.profiler import Meter
+MiB = 2**20
+meter = Meter(torch.device("cpu"))
+meter.start()
+x = torch.ones(200 * MiB // 4)  # like the basis passes: a big transient, freed before the next part
+del x
+meter.split("basis")
+y = torch.ones(60 * MiB // 4)  # like the steps: a smaller one
+raw = meter.stop("steps")
+del y
+over = {k: v["rss_peak_bytes"] - raw["rss_resident_bytes"] for k, v in raw["phase_peaks"].items()}
+assert list(over) == ["basis", "steps"], over
+assert abs(over["basis"] / (200 * MiB) - 1) <= 0.10, over
+assert abs(over["steps"] / (60 * MiB) - 1) <= 0.15, over  # the basis transient is not carried over
+assert raw["rss_peak_bytes"] == raw["phase_peaks"]["basis"]["rss_peak_bytes"]
+"""
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak reset")
 def test_sub_phase_peaks_are_told_apart_and_the_method_peak_is_their_max():
-    meter = Meter(torch.device("cpu"))
-    meter.start()
-    x = torch.ones(200 * MiB // 4)  # like the basis passes: a big transient, freed before the next part
-    del x
-    meter.split("basis")
-    y = torch.ones(60 * MiB // 4)  # like the steps: a smaller one
-    raw = meter.stop("steps")
-    del y
-    over = {k: v["rss_peak_bytes"] - raw["rss_resident_bytes"] for k, v in raw["phase_peaks"].items()}
-    assert list(over) == ["basis", "steps"]
-    assert over["basis"] == pytest.approx(200 * MiB, rel=0.10)
-    assert over["steps"] == pytest.approx(60 * MiB, rel=0.15)  # the basis transient is not carried over
-    assert raw["rss_peak_bytes"] == raw["phase_peaks"]["basis"]["rss_peak_bytes"]
+    # In a fresh process, as the profiler measures: late in a long test session the freed 200 MiB
+    # was once still resident in the steps' peak (heap state left by earlier tests).
+    proc = subprocess.run([sys.executable, "-c", _SUB_PHASES], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_adam_state_is_counted_exactly():
