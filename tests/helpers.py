@@ -1,6 +1,8 @@
-"""Shared test helpers: wrap a model with ZO-Act adapters and build tiny batches."""
+"""Shared test helpers: wrap a model with ZO-Act adapters, build tiny batches, fingerprint frozen weights."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -37,3 +39,38 @@ def randomize_coefficients(layers, scale=0.05, seed=1):
     gen = torch.Generator().manual_seed(seed)
     for layer in layers.values():
         layer.B.data.copy_(torch.randn(layer.B.shape, generator=gen, dtype=layer.B.dtype) * scale)
+
+
+def autograd_grads(model, task, batch, layers) -> list[torch.Tensor]:
+    """dL/dB for every layer in ``layers`` (a list), by autograd; B's requires_grad is restored."""
+    for l in layers:
+        l.B.requires_grad_(True)
+    try:
+        return list(torch.autograd.grad(task.loss(model, batch), [l.B for l in layers]))
+    finally:
+        for l in layers:
+            l.B.requires_grad_(False)
+
+
+def fingerprint(model) -> dict:
+    """Hash of every frozen tensor as it sits in memory, bitsandbytes quantization state included.
+
+    Read the tensors directly: ``state_dict()`` is not a neutral view for bnb 4-bit on CPU (it
+    undoes the kernel's weight repacking, see test_quant's ``_warm_up``).
+    """
+    def h(t):
+        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(".B") or name.endswith(".P"):  # the adapter's own tensors
+            continue
+        key = name.replace(".base.", ".")
+        out[key] = h(t)
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            out[key + ".absmax"] = h(qs.absmax)
+            out[key + ".code"] = h(qs.code)
+        if getattr(t, "SCB", None) is not None:  # LLM.int8 row scales
+            out[key + ".SCB"] = h(t.SCB)
+    return out

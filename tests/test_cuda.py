@@ -16,7 +16,6 @@ take the very Z the GPU drew (regenerated on the GPU from the seed, then copied)
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
+from helpers import add_adapters, autograd_grads, fingerprint, randomize_coefficients, rt_examples, rt_task
 from zoact_edge import targets as tgt
 from zoact_edge.adapter_io import save_peft
 from zoact_edge.basis import BasisConfig, compute_bases
@@ -123,21 +122,6 @@ def test_fused_pair_equals_separate_forwards_on_device(tokenizer, adapter_dtype,
 # --------------------------------------------------------------------------- 4/8-bit weights
 
 
-def _fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith((".B", ".P")):
-            continue
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        qs = getattr(t, "quant_state", None)
-        if qs is not None:
-            h.update(qs.absmax.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        scb = getattr(t, "SCB", None)
-        if scb is not None:
-            h.update(scb.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _dequantized_weight(layer) -> torch.Tensor:
     """The fp32 weight a bitsandbytes layer computes with, by bitsandbytes' own dequantization."""
     import bitsandbytes as bnb
@@ -176,7 +160,7 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
     task = rt_task(loaded.tokenizer)
     found = tgt.find_targets(model)
     twin = _dequantized_twin(model, found)
-    before = _fingerprint(model)
+    before = fingerprint(model)
 
     def fwd(b):
         with torch.inference_mode():
@@ -203,9 +187,7 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
     # Reference: autograd on the dequantized fp32 twin with the same P, B: dL/dB . Z
     twin_layers = list(inject_adapters(twin, found, {t.name: l.P for t, l in zip(found, layers)},
                                        {t.name: l.B for t, l in zip(found, layers)}, torch.float32, DEVICE).values())
-    for l in twin_layers:
-        l.B.requires_grad_(True)
-    grads = [g.float().cpu() for g in torch.autograd.grad(task.loss(twin, batch), [l.B for l in twin_layers])]
+    grads = [g.float().cpu() for g in autograd_grads(twin, task, batch, twin_layers)]
     directional = torch.tensor([sum(float((g * z).sum()) for g, z in zip(grads, Z)) for Z in Zs])
     projected = torch.tensor(projected, dtype=directional.dtype)
     rel = float((projected - directional).norm() / directional.norm())
@@ -224,7 +206,7 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
 
     for step in range(5):
         zo_step(layers, lambda: _loss(model, task, batch), opt, derive_seed(SEED, step), 1e-3)
-    assert _fingerprint(model) == before
+    assert fingerprint(model) == before
 
 
 # --------------------------------------------------------------------------- profile and PEFT

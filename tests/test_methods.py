@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from conftest import make_model
-from helpers import randomize_coefficients, rt_examples, rt_task
+from helpers import autograd_grads, randomize_coefficients, rt_examples, rt_task
 from zoact_edge import targets as tgt
 from zoact_edge.adapter_io import save_peft
 from zoact_edge.baselines import add_lora, backprop_step, mezo_params, mezo_step
@@ -60,11 +60,7 @@ def test_subspace_estimate_is_the_directional_derivative(tokenizer):
     randomize_coefficients(layers)
     order = list(layers.values())
     batch = task.collate(rt_examples(8))
-    for l in order:
-        l.B.requires_grad_(True)
-    grads = torch.autograd.grad(task.loss(model, batch), [l.B for l in order])
-    for l in order:
-        l.B.requires_grad_(False)
+    grads = autograd_grads(model, task, batch, order)
     grad = torch.cat([g.flatten() for g in grads])
     res = estimate(order, _loss_fn(model, task, batch), step_seed=5, eps=1e-4)
     z = torch.cat([noise_like(l.B, layer_seed(derive_seed(5, 0), i)).flatten() for i, l in enumerate(order)])

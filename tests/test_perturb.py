@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model
-from helpers import forward, randomize_coefficients, rt_examples, rt_task
+from helpers import autograd_grads, forward, randomize_coefficients, rt_examples, rt_task
 from zoact_edge import perturb, targets as tgt
 from zoact_edge.basis import BasisConfig, compute_bases
 from zoact_edge.calibrate import fitted_bias, label_logits, uniform_bias
@@ -102,11 +102,7 @@ def test_scaled_estimate_is_the_directional_derivative_along_the_scaled_directio
     perturb.apply(layers, perturb.column_scales("whiten", layers, energies))
     order = list(layers.values())
     batch = task.collate(rt_examples(8))
-    for l in order:
-        l.B.requires_grad_(True)
-    grads = torch.autograd.grad(task.loss(model, batch), [l.B for l in order])
-    for l in order:
-        l.B.requires_grad_(False)
+    grads = autograd_grads(model, task, batch, order)
 
     def loss_fn():
         with torch.inference_mode():

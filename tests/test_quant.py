@@ -1,39 +1,15 @@
 """Frozen weights stay bit-identical in every precision; bitsandbytes 4/8-bit paths train on CPU."""
 
-import hashlib
-
 import pytest
 import torch
 
-from helpers import rt_examples, rt_task
+from helpers import fingerprint, rt_examples, rt_task
 from zoact_edge import targets as tgt
 from zoact_edge.basis import BasisConfig, compute_bases
 from zoact_edge.models import load_model
 from zoact_edge.tasks import hidden_states
 from zoact_edge.train import inject_adapters
 from zoact_edge.zo import zo_step
-
-
-def _fingerprint(model) -> dict:
-    """Hash of every frozen tensor as it sits in memory, bitsandbytes quantization state included.
-
-    Read the tensors directly: ``state_dict()`` is not a neutral view for bnb 4-bit on CPU (it
-    undoes the kernel's weight repacking, see ``_warm_up``).
-    """
-    def h(t):
-        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-    out = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith(".B") or name.endswith(".P"):  # the adapter's own tensors
-            continue
-        key = name.replace(".base.", ".")
-        out[key] = h(t)
-        qs = getattr(t, "quant_state", None)
-        if qs is not None:
-            out[key + ".absmax"] = h(qs.absmax)
-            out[key + ".code"] = h(qs.code)
-    return out
 
 
 def _warm_up(loaded):
@@ -82,9 +58,9 @@ def test_frozen_weights_are_untouched_and_loss_goes_down(model_dirs, bits):
     if bits == 8:
         assert any(type(m).__name__ == "Linear8bitLt" for m in loaded.model.modules())
     _warm_up(loaded)
-    before = _fingerprint(loaded.model)
+    before = fingerprint(loaded.model)
     first, last, layers = _train(loaded, steps=60, lr=2e-2)
-    assert _fingerprint(loaded.model) == before
+    assert fingerprint(loaded.model) == before
     assert last < 0.6 * first, f"{bits}-bit: loss {first:.4f} -> {last:.4f}"
     assert any(float(l.B.abs().max()) > 0 for l in layers)
 
@@ -104,7 +80,7 @@ def test_quantized_model_is_cached_and_reloaded(model_dirs, tmp_path, monkeypatc
 def test_cuda_paths_train_and_keep_weights(model_dirs, bits):
     loaded = load_model(str(model_dirs["llama"]), bits=bits, device="cuda")
     _warm_up(loaded)
-    before = _fingerprint(loaded.model)
+    before = fingerprint(loaded.model)
     first, last, _ = _train(loaded, steps=60, lr=2e-2)
     assert last < first
-    assert _fingerprint(loaded.model) == before
+    assert fingerprint(loaded.model) == before

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from gpu_check import GOALS, SHAPES  # noqa: E402
+from gpu_check import GOALS, SHAPES, fit_row, shape_of  # noqa: E402
 from zoact_edge import fit  # noqa: E402
 from zoact_edge.paths import atomic_write  # noqa: E402
 
@@ -56,22 +56,12 @@ def gpu_reports() -> list[tuple[str, dict, fit.ModelShape]]:
             continue
         report = json.loads(path.read_text())
         name = Path(report["settings"]["model"]).name
-        out.append((path.parent.parent.name, report, _shape("llama", SHAPES[name])))
+        out.append((path.parent.parent.name, report, shape_of(SHAPES[name])))
     return out
 
 
 def estimates_vs_measured(reports) -> list[dict]:
-    rows = []
-    for run, r, shape in reports:
-        s, e = r["settings"], r["methods"]["zoact"]
-        if e.get("status") != "ok":
-            continue
-        est = fit.estimate_bytes(shape, fit.Setting(s["bits"], s["batch"], s["seq"], s["rank"]), "cuda")
-        rows.append({"run": run, "model": Path(s["model"]).name, "bits": s["bits"], "batch": s["batch"],
-                     "seq": s["seq"], "measured_zoact_peak_bytes": e["peak_bytes"], "estimate_bytes": est,
-                     "estimate_over_measured": round(est / e["peak_bytes"], 3),
-                     "zoact_over_inference": e.get("ratio_to_inference")})
-    return rows
+    return [{"run": run, **row} for run, r, shape in reports if (row := fit_row(r, shape)) is not None]
 
 
 def gpu_summary(reports) -> dict:

@@ -235,7 +235,7 @@ def stage_profile(run: Run, shapes: dict, device: str, bits: list[int], batch: i
                             "error": (proc.stderr.strip().splitlines() or [""])[-1][:400] if proc else None}
                 continue
             report = json.loads((folder / "report.json").read_text())
-            out[key] = {"status": "ok", "methods": {
+            out[key] = {"status": "ok", "report": str(folder / "report.json"), "methods": {
                 m: {k: e.get(k) for k in ("status", "peak_bytes", "resident_bytes", "ratio_to_inference",
                                           "breakdown", "cuda", "fused", "method_seconds", "error", "reason")}
                 for m, e in report["methods"].items()}}
@@ -263,27 +263,41 @@ def stage_bench_step(run: Run, shapes: dict, device: str, bits: list[int], batch
     return out
 
 
-def stage_fit(run: Run, shapes: dict, profiled: dict, benched: dict, device: str, batch: int, seq: int) -> dict:
-    """fit.py's estimate for each profiled run against its measured zoact peak; the goals."""
+def shape_of(fields: dict):
+    """fit.py's view of a Llama shape given by its config fields."""
     from transformers import LlamaConfig
 
-    from zoact_edge.fit import ModelShape, Setting, estimate_bytes
+    from zoact_edge.fit import ModelShape
 
+    return ModelShape.from_config(LlamaConfig(**fields))
+
+
+def fit_row(report: dict, shape) -> dict | None:
+    """fit.py's estimate for a profile report's settings against its measured ZO-Act peak."""
+    from zoact_edge.fit import Setting, estimate_bytes
+
+    s, e = report["settings"], report["methods"].get("zoact", {})
+    if e.get("status") != "ok":
+        return None
+    est = estimate_bytes(shape, Setting(s["bits"], s["batch"], s["seq"], s["rank"]), s["device"], s["task"])
+    return {"model": Path(s["model"]).name, "bits": s["bits"], "batch": s["batch"], "seq": s["seq"],
+            "measured_zoact_peak_bytes": e["peak_bytes"], "estimate_bytes": est,
+            "estimate_over_measured": round(est / e["peak_bytes"], 3), "zoact_over_inference": e.get("ratio_to_inference")}
+
+
+def stage_fit(run: Run, shapes: dict, profiled: dict, benched: dict) -> dict:
+    """fit.py's estimate for each profiled run against its measured zoact peak; the goals."""
     rows, goals = [], {}
     for key, p in (profiled or {}).items():
         if p.get("status") != "ok":
             continue
-        name, bits = key.split("/")
-        bits = int(bits.removesuffix("bit"))
-        zoact, inference = p["methods"].get("zoact", {}), p["methods"].get("inference", {})
-        if zoact.get("status") != "ok":
+        name = key.split("/")[0]
+        row = fit_row(json.loads(Path(p["report"]).read_text()), shape_of(shapes[name]))
+        if row is None:
             continue
-        shape = ModelShape.from_config(LlamaConfig(**shapes[name]))
-        est = estimate_bytes(shape, Setting(bits, batch, seq, 16), device, "classification")
-        rows.append({"shape": name, "bits": bits, "measured_zoact_peak_bytes": zoact["peak_bytes"],
-                     "estimate_bytes": est, "estimate_over_measured": round(est / zoact["peak_bytes"], 3)})
-        if bits == 4 and inference.get("status") == "ok":
-            goals[f"zoact_peak_over_inference_4bit/{name}"] = zoact["ratio_to_inference"]
+        rows.append(row)
+        if row["bits"] == 4 and p["methods"].get("inference", {}).get("status") == "ok":
+            goals[f"zoact_peak_over_inference_4bit/{name}"] = row["zoact_over_inference"]
     for key, b in (benched or {}).items():
         if b.get("status") == "ok":
             goals[f"fused_step_over_inference_forward/{key}"] = b["configs"][0]["step_over_inference_forward"].get(
@@ -291,7 +305,7 @@ def stage_fit(run: Run, shapes: dict, profiled: dict, benched: dict, device: str
     lo, hi = GOALS["fit_estimate_over_measured"]
     met = {k: (v is not None and v <= (GOALS["zoact_peak_over_inference_4bit"] if k.startswith("zoact")
                                         else GOALS["fused_step_over_inference_forward"])) for k, v in goals.items()}
-    met.update({f"fit/{r['shape']}/{r['bits']}bit": lo <= r["estimate_over_measured"] <= hi for r in rows})
+    met.update({f"fit/{r['model']}/{r['bits']}bit": lo <= r["estimate_over_measured"] <= hi for r in rows})
     return {"estimates": rows, "goals": goals, "goal_limits": GOALS, "met": met}
 
 
@@ -335,7 +349,7 @@ def main(argv=None) -> int:
     if built and "bench_step" in stages:
         benched = run.stage("bench_step", stage_bench_step, shapes, device, bits, batch, work)
     if "fit" in stages and (profiled or benched):
-        run.stage("fit", stage_fit, shapes, profiled, benched, device, batch, seq)
+        run.stage("fit", stage_fit, shapes, profiled, benched)
 
     reports = work / "reports"
     if reports.is_dir():

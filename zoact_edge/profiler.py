@@ -411,7 +411,7 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     from .tasks import hidden_states
     from .prefix import adapted_blocks, make_loss_terms
     from .train import inject_adapters
-    from .zo import apply_update, derive_seed, estimate_batches
+    from .zo import apply_update, derive_seed, estimate_batches, fused_by_default
 
     def forward(b):
         with torch.inference_mode():
@@ -426,9 +426,8 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     layers = list(adapters.values())
     del bases
     opt = torch.optim.Adam([l.B for l in layers], lr=spec.lr)
-    # The step tune takes by default on this device: fused +/- rows on CUDA (twice the activation
-    # rows of one forward), two plain forwards on CPU; the frozen prefix shared as tune shares it.
-    fused = device.type == "cuda"
+    # The step tune takes by default on this device, the frozen prefix shared as tune shares it.
+    fused = fused_by_default(device.type)
     loss_terms = make_loss_terms(model, task, adapted_blocks(model, adapters))
     for s in range(spec.steps):
         seed = derive_seed(spec.seed, s)

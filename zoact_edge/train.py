@@ -37,7 +37,7 @@ from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune
 from .prefix import PrefixCache, adapted_blocks, make_loss_terms
 from .subspace import fold_and_resample, input_groups, random_bases
 from .tasks import build_task, hidden_states, scored_mask
-from .zo import apply_update, derive_seed, estimate_batches, zo_step
+from .zo import apply_update, derive_seed, estimate_batches, fused_by_default, zo_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -156,11 +156,10 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
     task, splits = build_task(cfg, loaded.tokenizer)
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     tgt.check_rank(found, cfg.rank)
-    # Fused +/- pairs pay off where the forward is bandwidth bound (GPUs); on compute-bound CPUs
-    # they save little (tools/bench_step.py measures it) and they double activation memory.
-    fused = cfg.fused if cfg.fused is not None else (device.type == "cuda" and cfg.backend == "torch")
-    pairs = cfg.queries if cfg.fuse_queries else 1  # fit assumes each device's default step: fused on CUDA only
-    check_batch_fits(model.config, found, cfg, device, pairs if device.type == "cuda" else (2 * pairs if fused else 1))
+    default = fused_by_default(device.type)  # fit's activation coefficients assume this step
+    fused = cfg.fused if cfg.fused is not None else (default and cfg.backend == "torch")
+    pairs = cfg.queries if cfg.fuse_queries else 1  # rows held per example beyond the default step
+    check_batch_fits(model.config, found, cfg, device, pairs if default else (2 * pairs if fused else 1))
     dtype = adapter_dtype(cfg, device)
     eval_set = splits.validation[: cfg.eval_samples or None]
     # Yardstick for the peak printed at the end: one inference forward of the longest batch this

@@ -132,6 +132,13 @@ LossTerms = Callable[[object, int], "tuple[torch.Tensor, torch.Tensor]"]
 """``loss_terms(batch, groups) -> (sums, counts)``: one forward of ``groups`` perturbation groups."""
 
 
+def fused_by_default(device_type: str) -> bool:
+    """Whether a step fuses its +/- forwards unless told otherwise: on CUDA, where the forward is
+    bandwidth bound; not on compute-bound CPUs, where it saves little (tools/bench_step.py) and
+    doubles activation memory. tune, profile and fit's coefficients all assume this rule."""
+    return device_type == "cuda"
+
+
 def forward_plan(queries: int, fused: bool, fuse_queries: bool) -> list[list[tuple[int, int]]]:
     """The forwards of one step, each a list of (query, sign) row groups.
 
