@@ -21,7 +21,7 @@ INIT = 0.1
 
 
 def _vocab(n_words: int = 600) -> list[str]:
-    from zoact_edge.data import load_rotten_tomatoes
+    from zoact_edge.data.datasets import load_rotten_tomatoes
 
     counts = collections.Counter()
     for ex in load_rotten_tomatoes().train[:3000]:

@@ -6,11 +6,11 @@ import hashlib
 
 import torch
 
-from zoact_edge import targets as tgt
-from zoact_edge.basis import BasisConfig, compute_bases
-from zoact_edge.data import load_rotten_tomatoes
-from zoact_edge.tasks import RT_TEMPLATE, RT_WORDS, ClassificationTask, hidden_states
-from zoact_edge.train import inject_adapters
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.data.datasets import load_rotten_tomatoes
+from zoact_edge.data.tasks import RT_TEMPLATE, RT_WORDS, ClassificationTask, hidden_states
+from zoact_edge.recipes.zoact import inject_adapters
 
 
 def rt_task(tokenizer, max_length: int = 32):

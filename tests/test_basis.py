@@ -6,8 +6,8 @@ import torch
 
 from helpers import forward, rt_examples, rt_task
 from conftest import make_model
-from zoact_edge import targets as tgt
-from zoact_edge.basis import BasisConfig, compute_bases, detect_groups
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.basis import BasisConfig, compute_bases, detect_groups
 
 
 def _collect(model, names, batches):

@@ -24,15 +24,15 @@ import torch
 
 from conftest import make_model
 from helpers import add_adapters, autograd_grads, fingerprint, randomize_coefficients, rt_examples, rt_task
-from zoact_edge import targets as tgt
-from zoact_edge.adapter_io import save_peft
-from zoact_edge.basis import BasisConfig, compute_bases
-from zoact_edge.layer import noise_like
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.files import save_peft
+from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.adapters.layer import noise_like
 from zoact_edge.models import load_model
-from zoact_edge.prefix import adapted_blocks, make_loss_terms
-from zoact_edge.tasks import hidden_states
-from zoact_edge.train import inject_adapters
-from zoact_edge.zo import derive_seed, estimate, estimate_batches, layer_seed, write_gradients
+from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
+from zoact_edge.data.tasks import hidden_states
+from zoact_edge.recipes.zoact import inject_adapters
+from zoact_edge.zo.estimator import derive_seed, estimate, estimate_batches, layer_seed, write_gradients
 
 DEVICE = torch.device(os.environ.get("ZOACT_CUDA_TESTS_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -202,7 +202,7 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
     assert rel <= (0.1 if bits == 4 else 0.5), (projected, directional)
 
     opt = torch.optim.Adam([l.B for l in layers], lr=1e-2)
-    from zoact_edge.zo import zo_step
+    from zoact_edge.zo.estimator import zo_step
 
     for step in range(5):
         zo_step(layers, lambda: _loss(model, task, batch), opt, derive_seed(SEED, step), 1e-3)
@@ -213,7 +213,7 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
 
 
 def test_profile_on_device_accounts_for_its_parts(model_dirs, record_property):
-    from zoact_edge.profiler import ProfileSpec, profile
+    from zoact_edge.profiling.harness import ProfileSpec, profile
 
     spec = ProfileSpec(model=str(model_dirs["llama"]), bits=4, device=DEVICE.type, batch=4, seq=32, rank=4, steps=2)
     r = profile(spec, ["inference", "zoact", "fo-lora"])
@@ -261,7 +261,7 @@ def test_peft_reload_on_device_reproduces_logits(tokenizer, tmp_path, record_pro
 
 @pytest.mark.parametrize("bits", ["32", "4"])
 def test_tune_cli_on_device(model_dirs, tmp_path, bits, record_property):
-    from zoact_edge.cli import main
+    from zoact_edge.cli.main import main
 
     out = tmp_path / f"run-{bits}"
     args = ["tune", "--model", str(model_dirs["llama"]), "--output", str(out), "--device", DEVICE.type, "--bits", bits,

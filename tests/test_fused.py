@@ -5,13 +5,13 @@ import torch
 
 from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
-from zoact_edge.cli import build_parser
+from zoact_edge.cli.main import build_parser
 from zoact_edge.config import TuneConfig, build_config
-from zoact_edge.data import TextExample
+from zoact_edge.data.datasets import TextExample
 from zoact_edge.errors import UserError
-from zoact_edge.prefix import adapted_blocks, make_loss_terms
-from zoact_edge.tasks import LMTask
-from zoact_edge.zo import estimate, estimate_batches, forward_plan, write_gradients
+from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
+from zoact_edge.data.tasks import LMTask
+from zoact_edge.zo.estimator import estimate, estimate_batches, forward_plan, write_gradients
 
 EPS = 1e-2  # large enough that + and - losses differ visibly, so a sign mix-up cannot pass
 
@@ -157,7 +157,7 @@ def test_accumulation_equals_the_large_batch_estimate(tokenizer, kind, fused):
 
 def batch_slice(batch, a, b):
     """Rows a..b-1 of a right-padded LM batch, trimmed to their own width like a fresh collate."""
-    from zoact_edge.tasks import Batch
+    from zoact_edge.data.tasks import Batch
 
     width = int(batch.attention_mask[a:b].sum(1).max())
     return Batch(batch.input_ids[a:b, :width], batch.attention_mask[a:b, :width], batch.position_ids[a:b, :width],
@@ -196,8 +196,8 @@ def test_fused_option_is_a_switch_whose_unset_value_means_auto():
 
 def test_adapters_follow_their_base_layers_device_when_asked(tokenizer):
     """``device=None`` (a model sharded with device_map="auto") keeps shared bases shared per device."""
-    from zoact_edge import targets as tgt
-    from zoact_edge.train import inject_adapters
+    from zoact_edge.adapters import targets as tgt
+    from zoact_edge.recipes.zoact import inject_adapters
 
     model = make_model("llama", len(tokenizer))
     found = tgt.find_targets(model, "q_proj,k_proj,v_proj")

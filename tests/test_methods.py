@@ -8,15 +8,15 @@ from peft import PeftModel
 
 from conftest import make_model
 from helpers import autograd_grads, randomize_coefficients, rt_examples, rt_task
-from zoact_edge import targets as tgt
-from zoact_edge.adapter_io import save_peft
-from zoact_edge.baselines import add_lora, backprop_step, mezo_params, mezo_step
-from zoact_edge.cli import main
-from zoact_edge.layer import noise_like
-from zoact_edge.subspace import fold_and_resample, input_groups, random_basis, random_bases
-from zoact_edge.tasks import ClassificationTask, hidden_states
-from zoact_edge.train import inject_adapters
-from zoact_edge.zo import derive_seed, estimate, layer_seed
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.files import save_peft
+from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
+from zoact_edge.cli.main import main
+from zoact_edge.adapters.layer import noise_like
+from zoact_edge.adapters.subspace import fold_and_resample, input_groups, random_basis, random_bases
+from zoact_edge.data.tasks import ClassificationTask, hidden_states
+from zoact_edge.recipes.zoact import inject_adapters
+from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24"]
 
@@ -210,7 +210,7 @@ def test_method_refusals(model_dirs, tmp_path, capsys):
 
 def test_lr_default_depends_on_the_method():
     from zoact_edge.config import DEFAULT_LR, TuneConfig
-    from zoact_edge.train import make_optimizer
+    from zoact_edge.recipes.zoact import make_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert make_optimizer(p, TuneConfig()).param_groups[0]["lr"] == DEFAULT_LR["zoact"] == 1e-3

@@ -17,10 +17,10 @@ pytest.importorskip("onnxruntime")
 
 from conftest import make_model  # noqa: E402
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task  # noqa: E402
-from zoact_edge import onnx_backend  # noqa: E402
-from zoact_edge.cli import main  # noqa: E402
+from zoact_edge.onnx import loss_graph as onnx_backend  # noqa: E402
+from zoact_edge.cli.main import main  # noqa: E402
 from zoact_edge.errors import UserError  # noqa: E402
-from zoact_edge.zo import derive_seed, layer_seed, zo_step  # noqa: E402
+from zoact_edge.zo.estimator import derive_seed, layer_seed, zo_step  # noqa: E402
 
 TOL = 1e-4  # fp32 loss parity required by the issue
 FAST = ["--steps", "5", "--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16",
@@ -44,9 +44,9 @@ def ort_runs(model_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_cls(ort_runs, model_dirs, tokenizer, tmp_path_factory):
     """The ORT run's model and adapters rebuilt from its checkpoint, with its (cached) loss graph."""
-    from zoact_edge import targets as tgt
-    from zoact_edge.adapter_io import load_checkpoint
-    from zoact_edge.train import inject_adapters
+    from zoact_edge.adapters import targets as tgt
+    from zoact_edge.adapters.files import load_checkpoint
+    from zoact_edge.recipes.zoact import inject_adapters
 
     task = rt_task(tokenizer, max_length=24)
     model = make_model("llama", len(tokenizer))
@@ -166,8 +166,8 @@ def test_zo_steps_follow_the_torch_trajectory(llama_cls):
 
 def test_exportable_token_loss_equals_the_task_loss(tokenizer):
     """The LM graph's loss (mask-weighted, static shapes) is the task's boolean-indexed loss."""
-    from zoact_edge.data import CompletionExample, TextExample
-    from zoact_edge.tasks import CompletionTask, LMTask
+    from zoact_edge.data.datasets import CompletionExample, TextExample
+    from zoact_edge.data.tasks import CompletionTask, LMTask
 
     model = make_model("gpt2", len(tokenizer))
     texts = rt_examples(5, offset=200)
@@ -206,7 +206,7 @@ def test_a_silent_fallback_to_cpu_is_an_error(llama_cls):
 
 def test_ort_evaluate_equals_torch_evaluate(llama_cls):
     """Evaluation on the ORT backend runs the graph; in fp32 it reports the torch metrics."""
-    from zoact_edge.evaluate import evaluate
+    from zoact_edge.data.evaluate import evaluate
 
     task, model, layers, ort_loss = llama_cls
     randomize_coefficients(layers, scale=0.05, seed=8)
@@ -222,9 +222,9 @@ def test_ort_evaluate_equals_torch_evaluate(llama_cls):
 
 def test_ort_evaluate_aggregates_token_losses_like_evaluate(tokenizer):
     """Token tasks: the graph's per-batch mean NLL, weighted by target tokens, is evaluate's loss."""
-    from zoact_edge.data import TextExample
-    from zoact_edge.evaluate import evaluate
-    from zoact_edge.tasks import LMTask
+    from zoact_edge.data.datasets import TextExample
+    from zoact_edge.data.evaluate import evaluate
+    from zoact_edge.data.tasks import LMTask
 
     model = make_model("gpt2", len(tokenizer))
     task = LMTask(tokenizer, 24)
@@ -356,7 +356,7 @@ def test_training_on_the_int4_graph_reduces_the_loss(llama_cls, llama_int4):
 
 
 def test_tune_bits_4_on_ort_trains_and_evaluates_the_int4_graph(ort_runs, llama_cls, llama_int4):
-    from zoact_edge.data import load_rotten_tomatoes
+    from zoact_edge.data.datasets import load_rotten_tomatoes
 
     records = _records(ort_runs["ort4"])
     assert len(records) == 5 and all(r["loss"] is not None for r in records)
@@ -391,8 +391,8 @@ cuda_ort = pytest.mark.skipif(not _cuda_ort(), reason="needs a CUDA GPU and onnx
 @pytest.fixture(scope="module")
 def cuda_llama(tokenizer):
     """The tiny Llama on the GPU with fp32 adapters (bases calibrated on an identical CPU copy)."""
-    from zoact_edge import targets as tgt
-    from zoact_edge.train import inject_adapters
+    from zoact_edge.adapters import targets as tgt
+    from zoact_edge.recipes.zoact import inject_adapters
 
     task = rt_task(tokenizer, max_length=24)
     bases = {n: l.P for n, l in add_adapters(make_model("llama", len(tokenizer)), task, rank=4).items()}

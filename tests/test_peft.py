@@ -8,7 +8,7 @@ from peft import PeftModel
 
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 from conftest import make_model
-from zoact_edge.adapter_io import load_peft, save_peft
+from zoact_edge.adapters.files import load_peft, save_peft
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])

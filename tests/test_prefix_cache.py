@@ -8,14 +8,14 @@ from safetensors.torch import load_file
 
 from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
-from zoact_edge import prefix
-from zoact_edge.cli import main
+from zoact_edge.zo import prefix
+from zoact_edge.cli.main import main
 from zoact_edge.config import TuneConfig, build_config
-from zoact_edge.data import TextExample
+from zoact_edge.data.datasets import TextExample
 from zoact_edge.errors import UserError
-from zoact_edge.prefix import PrefixCache, adapted_blocks, make_loss_terms
-from zoact_edge.tasks import LMTask
-from zoact_edge.zo import estimate, estimate_batches
+from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
+from zoact_edge.data.tasks import LMTask
+from zoact_edge.zo.estimator import estimate, estimate_batches
 
 EPS = 1e-2  # + and - losses differ visibly, so a sign mix-up cannot pass
 FIRST = list(range(8))  # a batch 32 tokens wide

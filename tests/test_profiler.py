@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from zoact_edge.baselines import mezo_params, mezo_step
-from zoact_edge.cli import main
+from zoact_edge.zo.baselines import mezo_params, mezo_step
+from zoact_edge.cli.main import main
 from zoact_edge.errors import UserError
-from zoact_edge.layer import noise_like
-from zoact_edge.profiler import (Meter, ProfileSpec, optimizer_state_tensors, parse_bytes, parse_methods, profile,
+from zoact_edge.adapters.layer import noise_like
+from zoact_edge.profiling.harness import (Meter, ProfileSpec, optimizer_state_tensors, parse_bytes, parse_methods, profile,
                                  storage_bytes, summarize)
-from zoact_edge.zo import derive_seed
+from zoact_edge.zo.estimator import derive_seed
 
 MiB = 2**20
 TINY = dict(batch=2, seq=16, rank=4, steps=1)
@@ -58,7 +58,7 @@ def test_held_state_and_transients_are_told_apart():
 
 _SUB_PHASES = """
 import torch
-from zoact_edge.profiler import Meter
+from zoact_edge.profiling.harness import Meter
 MiB = 2**20
 meter = Meter(torch.device("cpu"))
 meter.start()
@@ -135,7 +135,7 @@ def test_profile_command_writes_the_report(model_dirs, tmp_path, capsys):
         assert e["ratio_to_inference"] == pytest.approx(e["peak_bytes"] / methods["inference"]["peak_bytes"], abs=1e-4)
         assert sum(e["breakdown"].values()) >= e["peak_bytes"]  # the parts cover the peak
     # LoRA of rank r on every target: r * (d_in + d_out) fp32 values per layer (Llama-tiny dims).
-    from zoact_edge import targets as tgt
+    from zoact_edge.adapters import targets as tgt
     from zoact_edge.models import load_model
 
     found = tgt.find_targets(load_model(str(model_dirs["llama"]), 32, device="cpu").model)
@@ -208,7 +208,7 @@ def test_cuda_profile_reports_allocator_and_device_figures(model_dirs):
 
 # --------------------------------------------------------------------------- estimator and device profiles
 
-from zoact_edge import fit  # noqa: E402
+from zoact_edge.profiling import fit  # noqa: E402
 
 PROFILES = {"laptop-cpu-8gb", "laptop-cpu-16gb", "rtx-3060-12gb", "rtx-4090-24gb", "jetson-orin-nano-8gb",
             "raspberry-pi-5-8gb"}
@@ -233,7 +233,7 @@ def test_profiles_are_listed(capsys):
 def test_model_shape_counts_the_real_parameters(model_dirs):
     from transformers import AutoConfig
 
-    from zoact_edge import targets as tgt
+    from zoact_edge.adapters import targets as tgt
     from zoact_edge.models import load_model
 
     model = load_model(str(model_dirs["llama"]), 32, device="cpu").model

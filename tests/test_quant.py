@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from helpers import fingerprint, rt_examples, rt_task
-from zoact_edge import targets as tgt
-from zoact_edge.basis import BasisConfig, compute_bases
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.models import load_model
-from zoact_edge.tasks import hidden_states
-from zoact_edge.train import inject_adapters
-from zoact_edge.zo import zo_step
+from zoact_edge.data.tasks import hidden_states
+from zoact_edge.recipes.zoact import inject_adapters
+from zoact_edge.zo.estimator import zo_step
 
 
 def _warm_up(loaded):

@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zoact_edge import adapter_io, rundir
-from zoact_edge.cli import main
+from zoact_edge.adapters import files as adapter_io
+from zoact_edge import rundir
+from zoact_edge.cli.main import main
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "8", "--eval-batch-size", "8",
         "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2"]
@@ -255,7 +256,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(model_dirs, tmp_path, 
 
 
 def test_a_bug_is_one_line_and_exit_1(monkeypatch, capsys):
-    import zoact_edge.cli as cli
+    import zoact_edge.cli.main as cli
 
     def broken(args):
         raise RuntimeError("boom\nsecond line")
@@ -322,7 +323,7 @@ def test_an_interrupted_swap_is_finished_on_the_next_start(tmp_path):
 
 
 def test_templates_read_escapes(tokenizer):
-    from zoact_edge.tasks import ClassificationTask
+    from zoact_edge.data.tasks import ClassificationTask
 
     task = ClassificationTask(tokenizer, r"Review: {text}\nSentiment:\tIt was", ["terrible", "great"], 32)
     assert task.template == "Review: {text}\nSentiment:\tIt was"
@@ -330,7 +331,7 @@ def test_templates_read_escapes(tokenizer):
 
 def test_non_finite_adapter_is_never_saved(tmp_path):
     from zoact_edge.errors import UserError
-    from zoact_edge.layer import ZOActLinear
+    from zoact_edge.adapters.layer import ZOActLinear
 
     layer = ZOActLinear(torch.nn.Linear(4, 3), torch.eye(4)[:, :2].contiguous(), torch.full((3, 2), float("inf")))
     with pytest.raises(UserError, match="NaN/inf"):

@@ -4,8 +4,8 @@ import torch
 
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 from conftest import make_model
-from zoact_edge.layer import noise_like
-from zoact_edge.zo import derive_seed, estimate, layer_seed, write_gradients, zo_step
+from zoact_edge.adapters.layer import noise_like
+from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed, write_gradients, zo_step
 
 
 def _setup(tokenizer, patterns=None, rank=4, dtype=torch.float32, layers=None, n=8, arch="llama"):

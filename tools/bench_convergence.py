@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zoact_edge.baseline_train import FORWARDS_PER_STEP as BASELINE_FORWARDS_PER_STEP
+from zoact_edge.recipes.baselines import FORWARDS_PER_STEP as BASELINE_FORWARDS_PER_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

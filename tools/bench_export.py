@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from zoact_edge import onnx_forms, targets as tgt  # noqa: E402
-from zoact_edge.cli import main as cli  # noqa: E402
-from zoact_edge.export import ExportOptions, export, load_run  # noqa: E402
-from zoact_edge.onnx_runtime import OnnxDecoder  # noqa: E402
+from zoact_edge.onnx import forms as onnx_forms  # noqa: E402
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.cli.main import main as cli  # noqa: E402
+from zoact_edge.onnx.export import ExportOptions, export, load_run  # noqa: E402
+from zoact_edge.onnx.runtime import OnnxDecoder  # noqa: E402
 from zoact_edge.paths import atomic_write  # noqa: E402
 
 PROMPTS = ["Review: a joyless, plodding film\nSentiment: It was",
@@ -105,7 +106,7 @@ def bnb4_layer_stage(run_dir: str) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from zoact_edge.export_layers import frozen_weight
+    from zoact_edge.onnx.export_layers import frozen_weight
 
     model = load_run(run_dir, ExportOptions()).model
     gen = torch.Generator().manual_seed(0)

@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from zoact_edge import targets as tgt  # noqa: E402
-from zoact_edge.basis import BasisConfig, compute_bases  # noqa: E402
+from zoact_edge.adapters import targets as tgt  # noqa: E402
+from zoact_edge.adapters.basis import BasisConfig, compute_bases  # noqa: E402
 from zoact_edge.config import TuneConfig  # noqa: E402
 from zoact_edge.models import load_model  # noqa: E402
-from zoact_edge.onnx_backend import build_ort_loss  # noqa: E402
-from zoact_edge.tasks import build_task, hidden_states  # noqa: E402
-from zoact_edge.train import inject_adapters, make_optimizer  # noqa: E402
-from zoact_edge.zo import derive_seed, zo_step  # noqa: E402
+from zoact_edge.onnx.loss_graph import build_ort_loss  # noqa: E402
+from zoact_edge.data.tasks import build_task, hidden_states  # noqa: E402
+from zoact_edge.recipes.zoact import inject_adapters, make_optimizer  # noqa: E402
+from zoact_edge.zo.estimator import derive_seed, zo_step  # noqa: E402
 
 
 def step_times(args) -> dict:
@@ -88,7 +88,7 @@ def step_times(args) -> dict:
 def export_accuracy(args) -> dict:
     """One ``export --int4`` (it checks fp32 parity, then evaluates the fp32 and int4 ONNX
     models on the validation split) and the PyTorch adapter on the same examples."""
-    from zoact_edge.cli import main
+    from zoact_edge.cli.main import main
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

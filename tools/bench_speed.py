@@ -33,15 +33,15 @@ METHODS = ("zoact", "subspace", "mezo", "fo-lora")
 def worker(spec: dict) -> dict:
     import torch
 
-    from zoact_edge import targets as tgt
-    from zoact_edge.baselines import add_lora, backprop_step, mezo_params, mezo_step
-    from zoact_edge.basis import BasisConfig, compute_bases
+    from zoact_edge.adapters import targets as tgt
+    from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
+    from zoact_edge.adapters.basis import BasisConfig, compute_bases
     from zoact_edge.config import TuneConfig
     from zoact_edge.models import load_model
-    from zoact_edge.subspace import input_groups, random_bases
-    from zoact_edge.tasks import build_task, hidden_states
-    from zoact_edge.train import batch_indices, inject_adapters
-    from zoact_edge.zo import derive_seed, zo_step
+    from zoact_edge.adapters.subspace import input_groups, random_bases
+    from zoact_edge.data.tasks import build_task, hidden_states
+    from zoact_edge.recipes.zoact import batch_indices, inject_adapters
+    from zoact_edge.zo.estimator import derive_seed, zo_step
 
     torch.manual_seed(0)
     cfg = TuneConfig(model=spec["model"], bits=spec["bits"], batch_size=spec["batch_size"], max_length=spec["max_length"])

@@ -27,16 +27,16 @@ import time
 
 import torch
 
-from zoact_edge import targets as tgt
-from zoact_edge.basis import BasisConfig, compute_bases
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.config import TuneConfig
-from zoact_edge.distributed import payload_bytes
+from zoact_edge.zo.distributed import payload_bytes
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.prefix import PrefixCache, adapted_blocks, make_loss_terms
-from zoact_edge.tasks import build_task, hidden_states
-from zoact_edge.train import batch_indices, inject_adapters
-from zoact_edge.zo import apply_update, estimate_batches
+from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
+from zoact_edge.data.tasks import build_task, hidden_states
+from zoact_edge.recipes.zoact import batch_indices, inject_adapters
+from zoact_edge.zo.estimator import apply_update, estimate_batches
 
 
 def _forward_only(model, batch) -> None:

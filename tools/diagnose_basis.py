@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from zoact_edge import targets as tgt
-from zoact_edge.basis import BasisConfig, compute_bases
+from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.config import TuneConfig
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.subspace import input_groups, random_bases
-from zoact_edge.tasks import build_task, hidden_states, scored_mask
-from zoact_edge.train import _calibration_batches
-from zoact_edge.zo import derive_seed
+from zoact_edge.adapters.subspace import input_groups, random_bases
+from zoact_edge.data.tasks import build_task, hidden_states, scored_mask
+from zoact_edge.recipes.zoact import _calibration_batches
+from zoact_edge.zo.estimator import derive_seed
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 RANKS = (1, 4, 16)

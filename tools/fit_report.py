@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from gpu_check import GOALS, SHAPES, fit_row, shape_of  # noqa: E402
-from zoact_edge import fit  # noqa: E402
+from zoact_edge.profiling import fit  # noqa: E402
 from zoact_edge.paths import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"

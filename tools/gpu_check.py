@@ -267,14 +267,14 @@ def shape_of(fields: dict):
     """fit.py's view of a Llama shape given by its config fields."""
     from transformers import LlamaConfig
 
-    from zoact_edge.fit import ModelShape
+    from zoact_edge.profiling.fit import ModelShape
 
     return ModelShape.from_config(LlamaConfig(**fields))
 
 
 def fit_row(report: dict, shape) -> dict | None:
     """fit.py's estimate for a profile report's settings against its measured ZO-Act peak."""
-    from zoact_edge.fit import Setting, estimate_bytes
+    from zoact_edge.profiling.fit import Setting, estimate_bytes
 
     s, e = report["settings"], report["methods"].get("zoact", {})
     if e.get("status") != "ok":

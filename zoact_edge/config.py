@@ -132,7 +132,7 @@ class TuneConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
-        from .prefix import check_cache_config  # --cache-prefix / --cache-prefix-mb
+        from .zo.prefix import check_cache_config  # --cache-prefix / --cache-prefix-mb
 
         check_cache_config(self)
         for f in dataclasses.fields(self):

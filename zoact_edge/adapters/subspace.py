@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .basis import detect_groups
-from .errors import UserError
+from ..errors import UserError
 from .layer import ZOActLinear
-from .zo import derive_seed
+from ..zo.estimator import derive_seed
 
 RANDOM_BASIS_TAG = 0x5B5  # keeps these draws apart from every other seeded stream of the run
 

@@ -24,9 +24,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .targets import BLOCK_INDEX, parse_layers
-from .tasks import Batch, hidden_states
+from ..errors import UserError
+from ..adapters.targets import BLOCK_INDEX, parse_layers
+from ..data.tasks import Batch, hidden_states
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import ClassificationExample, CompletionExample, TextExample
-from .errors import UserError
+from .datasets import ClassificationExample, CompletionExample, TextExample
+from ..errors import UserError
 
 
 @dataclass
@@ -308,7 +308,7 @@ def build_task(cfg, tokenizer):
 
 
 def _build_task(cfg, tokenizer):
-    from . import data
+    from . import datasets as data
 
     if cfg.task not in TASKS:
         raise UserError(f"unknown --task {cfg.task!r}; choose one of {', '.join(TASKS)}")

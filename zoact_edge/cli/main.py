@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TuneConfig, build_config, field_type, read_config_file
-from .errors import UserError
+from ..config import TuneConfig, build_config, field_type, read_config_file
+from ..errors import UserError
 
 # Options --resume accepts with a value other than the run's: they change how the run is watched
 # and saved, never the adapter it produces. Any other option must match run_config.json.
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
     ev.add_argument("--onnx", metavar="DIR", help="evaluate a model written by `zoact-edge export` instead")
     _add_config_options(ev, only=EVAL_FIELDS)
-    from .onnx_cli import add_onnx_parsers
+    from .onnx import add_onnx_parsers
 
     add_onnx_parsers(sub)
-    from .profiler import add_profile_parser
+    from ..profiling.harness import add_profile_parser
 
     add_profile_parser(sub)
     return parser
@@ -89,12 +89,12 @@ def _setup_logging() -> None:
 
 
 def cmd_tune(args: dict) -> int:
-    from .train import describe, tune
+    from ..recipes.zoact import describe, tune
 
     resume = args.pop("resume", None)
     file_values = read_config_file(args.pop("config")) if "config" in args else {}
     if resume:
-        from .rundir import recover
+        from ..rundir import recover
 
         recover(Path(resume), f"--resume {resume}")  # an overwrite killed mid-swap leaves the run beside DIR
         saved = _saved_config(Path(resume), f"--resume {resume}")
@@ -134,17 +134,17 @@ def _saved_config(folder: Path, what: str) -> dict:
 def cmd_eval(args: dict) -> int:
     import torch
 
-    from . import adapter_io, targets as tgt
-    from .evaluate import evaluate
-    from .models import load_model
-    from .tasks import build_task
-    from .train import inject_adapters
+    from ..adapters import files as adapter_io, targets as tgt
+    from ..data.evaluate import evaluate
+    from ..models import load_model
+    from ..data.tasks import build_task
+    from ..recipes.zoact import inject_adapters
 
     adapter = args.pop("adapter", None)
     split = args.pop("split", "validation")
     json_out = args.pop("json", None)
     if "onnx" in args:
-        from .onnx_cli import cmd_eval_onnx
+        from .onnx import cmd_eval_onnx
 
         if adapter:
             raise UserError("--onnx and --adapter are alternatives: the export already contains the adapter")
@@ -191,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "tune":
             return cmd_tune(args)
         if ns.command in ("export", "generate"):
-            from .onnx_cli import cmd_export, cmd_generate
+            from .onnx import cmd_export, cmd_generate
 
             return cmd_export(args) if ns.command == "export" else cmd_generate(args)
         if ns.command in ("profile", "profiles"):
-            from .profiler import cmd_profile, cmd_profiles
+            from ..profiling.harness import cmd_profile, cmd_profiles
 
             return cmd_profile(args) if ns.command == "profile" else cmd_profiles(args)
         return cmd_eval(args)

@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # Calibration from `zoact-edge profile` on the default model (SmolLM2-135M, CPU, 2 cores; see
 # docs/profile-default/*/report.json; fit.calibrate derives these from them, a test checks it).
@@ -73,7 +73,7 @@ class ModelShape:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from . import targets as tgt
+        from ..adapters import targets as tgt
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -87,7 +87,7 @@ class ModelShape:
     def from_model(cls, model: str | None, targets: str | None = None, layers: str | None = None) -> "ModelShape":
         from transformers import AutoConfig
 
-        from .models import resolve_model
+        from ..models import resolve_model
 
         source = resolve_model(model)
         try:
@@ -192,11 +192,11 @@ class Profile:
 def profiles_dir() -> Path:
     """``$ZOACT_PROFILES``, else the ``profiles/`` folder of this source tree."""
     env = os.environ.get("ZOACT_PROFILES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets" / "profiles"
 
 
 def _parse_profile(path: Path) -> Profile:
-    from .profiler import parse_bytes
+    from .harness import parse_bytes
 
     try:
         d = tomllib.loads(path.read_text())
@@ -276,7 +276,7 @@ def choose(shape: ModelShape, profile: Profile, want: Setting, task: str = "clas
     _, need = fits(shape, smallest, profile, task, calibration)
     others = [p.name for p in list_profiles() if p.name != profile.name and
               any(fits(shape, dataclasses.replace(smallest, bits=b), p, task, calibration)[0] for b in p.bits)]
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     raise UserError(
         f"the model ({shape.params / 1e6:.0f}M parameters) does not fit profile {profile.name} "
@@ -293,7 +293,7 @@ def apply_profile(cfg):
     """
     import logging
 
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     profile = load_profile(cfg.profile)
     shape = ModelShape.from_model(cfg.model, cfg.targets, cfg.layers)
@@ -307,7 +307,7 @@ def apply_profile(cfg):
 
 
 def describe_profiles(profiles: list[Profile]) -> str:
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     if not profiles:
         return f"no profiles found in {profiles_dir()}"
@@ -350,7 +350,7 @@ def check_batch_fits(config, found, cfg, device, rows_per_example: int = 1) -> N
     free = headroom_bytes(device)
     if free is None:
         return
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     shape = ModelShape(0, 0, sum(t.d_in for t in found), sum(t.d_out for t in found), block_width(config),
                        config.vocab_size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .layer import ZOActLinear
 
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")  # "model.layers.12.mlp" -> 12: the repeated-block index

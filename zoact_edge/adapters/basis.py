@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 METHODS = ("inference", "zoact", "mezo", "fo-lora", "fo-full")
 SCHEMA = "zoact-edge/memory-profile/1"
@@ -103,8 +103,8 @@ def make_inputs(spec: ProfileSpec, tokenizer):
     (classification keeps the end, where the prompt asks for the label), so every method sees the
     same shapes and the same text.
     """
-    from .data import ClassificationExample, TextExample, load_rotten_tomatoes
-    from .tasks import RT_TEMPLATE, RT_WORDS, ClassificationTask, LMTask
+    from ..data.datasets import ClassificationExample, TextExample, load_rotten_tomatoes
+    from ..data.tasks import RT_TEMPLATE, RT_WORDS, ClassificationTask, LMTask
 
     import torch
 
@@ -178,7 +178,7 @@ class Meter:
     def start(self) -> None:
         import torch
 
-        from .memory import current_rss_bytes, release_free_memory, reset_peak_rss
+        from ..memory import current_rss_bytes, release_free_memory, reset_peak_rss
 
         release_free_memory()
         self.resident = current_rss_bytes()
@@ -196,7 +196,7 @@ class Meter:
         """Peaks since the last reset: RSS, and on CUDA the allocator's."""
         import torch
 
-        from .memory import phase_peak_rss_bytes
+        from ..memory import phase_peak_rss_bytes
 
         peaks = {"rss_peak_bytes": phase_peak_rss_bytes()}
         if self.device.type == "cuda":
@@ -213,7 +213,7 @@ class Meter:
         """
         import torch
 
-        from .memory import reset_peak_rss
+        from ..memory import reset_peak_rss
 
         self.splits[name] = self._peaks()
         self.hwm_reset = reset_peak_rss() and self.hwm_reset
@@ -224,7 +224,7 @@ class Meter:
         """The method's figures; with sub-phases (:meth:`split`), ``last`` names the final one."""
         import torch
 
-        from .memory import peak_rss_bytes
+        from ..memory import peak_rss_bytes
 
         final = self._peaks()
         segments = [*self.splits.values(), final]
@@ -250,7 +250,7 @@ def padded_to(task, batch, length: int):
     """``batch`` padded to ``length`` tokens (the task's padding side): the longest batch tune can see."""
     import torch
 
-    from .tasks import Batch, ClassificationTask, _positions
+    from ..data.tasks import Batch, ClassificationTask, _positions
 
     extra = length - batch.input_ids.shape[1]
     if extra <= 0:
@@ -303,7 +303,7 @@ def tune_peak_summary(tuning: dict, inference: dict, shape) -> dict:
 
 
 def describe_tune_peak(summary: dict) -> str | None:
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     if not summary.get("peak_ratio_to_inference"):
         return None
@@ -331,8 +331,8 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
     """Load, warm up, reset the peak, run ``method``; return measurements and tensor sizes."""
     import torch
 
-    from . import targets as tgt
-    from .models import load_model
+    from ..adapters import targets as tgt
+    from ..models import load_model
 
     torch.manual_seed(spec.seed)
     t0 = time.time()
@@ -364,8 +364,8 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
     elif method == "zoact":
         info.update(_zoact(spec, model, task, batch, found, device, sizes, meter))
     elif method == "mezo":
-        from .baselines import mezo_params, mezo_step
-        from .zo import derive_seed
+        from ..zo.baselines import mezo_params, mezo_step
+        from ..zo.estimator import derive_seed
 
         params = mezo_params(model, [t.name for t in found])
         loss = _loss_fn(task, model, batch)
@@ -374,7 +374,7 @@ def _run_method(spec: ProfileSpec, method: str) -> dict:
         info["loss"] = (res.loss_plus + res.loss_minus) / 2
         info["trainable_params"] = sum(p.numel() for p in params)
     elif method in ("fo-lora", "fo-full"):
-        from .baselines import add_lora, backprop_step, full_params
+        from ..zo.baselines import add_lora, backprop_step, full_params
 
         if method == "fo-lora":
             params = add_lora(model, [t.name for t in found], spec.rank)
@@ -406,12 +406,12 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     """
     import torch
 
-    from .basis import BasisConfig, compute_bases
-    from .memory import release_free_memory
-    from .tasks import hidden_states
-    from .prefix import adapted_blocks, make_loss_terms
-    from .train import inject_adapters
-    from .zo import apply_update, derive_seed, estimate_batches, fused_by_default
+    from ..adapters.basis import BasisConfig, compute_bases
+    from ..memory import release_free_memory
+    from ..data.tasks import hidden_states
+    from ..zo.prefix import adapted_blocks, make_loss_terms
+    from ..recipes.zoact import inject_adapters
+    from ..zo.estimator import apply_update, derive_seed, estimate_batches, fused_by_default
 
     def forward(b):
         with torch.inference_mode():
@@ -440,8 +440,8 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
 
 
 def child_main(argv: list[str]) -> int:
-    """``python -m zoact_edge.profiler SPEC_JSON METHOD OUT_JSON``: one method, one process."""
-    from .paths import atomic_write
+    """``python -m zoact_edge.profiling.harness SPEC_JSON METHOD OUT_JSON``: one method, one process."""
+    from ..paths import atomic_write
 
     spec_json, method, out_path = argv
     logging_quiet()
@@ -472,7 +472,7 @@ def run_isolated(spec: ProfileSpec, method: str, timeout: float | None = None) -
     with tempfile.TemporaryDirectory(prefix="zoact-profile-") as tmp:
         out = Path(tmp) / "result.json"
         env = {**os.environ, **{k: str(v) for k, v in spec.env.items()}}
-        proc = subprocess.run([sys.executable, "-m", "zoact_edge.profiler", json.dumps(asdict(spec)), method, str(out)],
+        proc = subprocess.run([sys.executable, "-m", "zoact_edge.profiling.harness", json.dumps(asdict(spec)), method, str(out)],
                               capture_output=True, text=True, env=env, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
             lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
@@ -502,7 +502,7 @@ def summarize(raw: dict, device_type: str) -> dict:
 def profile(spec: ProfileSpec, methods: list[str], budget: int | None = None, profile_name: str | None = None,
             progress=None) -> dict:
     spec.validate()
-    from .models import resolve_device
+    from ..models import resolve_device
 
     device_type = resolve_device(spec.device).type
     spec.device = device_type
@@ -562,7 +562,7 @@ def _mib(n) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     s = report["settings"]
     lines = [f"# Memory profile: {s['model'] or 'default model'}, {s['bits']}-bit, batch {s['batch']} x seq {s['seq']}, "
@@ -610,7 +610,7 @@ def report_png(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .paths import atomic_save_file
+    from ..paths import atomic_save_file
 
     ok = {n: e for n, e in report["methods"].items() if e.get("status") == "ok"}
     fig, ax = plt.subplots(figsize=(1.6 * max(len(ok), 2) + 3, 4.5))
@@ -639,7 +639,7 @@ def report_png(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from .paths import atomic_write
+    from ..paths import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "report.json") as f:
@@ -650,7 +650,7 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def describe(report: dict) -> str:
-    from .memory import fmt_bytes
+    from ..memory import fmt_bytes
 
     rows = []
     for name, e in report["methods"].items():

@@ -27,14 +27,14 @@ import time
 
 import torch
 
-from .config import TuneConfig
-from .errors import UserError
-from .evaluate import evaluate
-from .models import load_model
-from .paths import atomic_write
-from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
-from .tasks import ClassificationTask, build_task
-from .zo import derive_seed
+from ..config import TuneConfig
+from ..errors import UserError
+from ..data.evaluate import evaluate
+from ..models import load_model
+from ..paths import atomic_write
+from ..profiling.harness import Meter, inference_peak, padded_to, tune_peak_summary
+from ..data.tasks import ClassificationTask, build_task
+from ..zo.estimator import derive_seed
 
 CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stream of the run
 
@@ -68,7 +68,7 @@ def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) ->
 
 
 def tune_calibrate(cfg: TuneConfig) -> dict:
-    from .train import claim_output
+    from .zoact import claim_output
 
     t_start = time.time()
     with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
@@ -78,7 +78,7 @@ def tune_calibrate(cfg: TuneConfig) -> dict:
 
 
 def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
-    from .train import _write_json, run_costs
+    from .zoact import _write_json, run_costs
 
     out = run.path
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)

@@ -23,21 +23,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapter_io, distributed, perturb, rundir, targets as tgt
-from .basis import BasisConfig, compute_bases
-from .config import TuneConfig
-from .errors import UserError
-from .evaluate import evaluate
-from .fit import check_batch_fits
-from .layer import SharedProjection
-from .memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_memory
-from .models import load_model
-from .paths import atomic_write
-from .profiler import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
-from .prefix import PrefixCache, adapted_blocks, make_loss_terms
-from .subspace import fold_and_resample, input_groups, random_bases
-from .tasks import build_task, hidden_states, scored_mask
-from .zo import apply_update, derive_seed, estimate_batches, fused_by_default, zo_step
+from ..adapters import files as adapter_io, targets as tgt
+from ..zo import distributed, perturb
+from .. import rundir
+from ..adapters.basis import BasisConfig, compute_bases
+from ..config import TuneConfig
+from ..errors import UserError
+from ..data.evaluate import evaluate
+from ..profiling.fit import check_batch_fits
+from ..adapters.layer import SharedProjection
+from ..memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes, release_free_memory
+from ..models import load_model
+from ..paths import atomic_write
+from ..profiling.harness import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
+from ..zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
+from ..adapters.subspace import fold_and_resample, input_groups, random_bases
+from ..data.tasks import build_task, hidden_states, scored_mask
+from ..zo.estimator import apply_update, derive_seed, estimate_batches, fused_by_default, zo_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -121,7 +123,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
     t_start = time.time()
     cfg = cfg.resolved()
     if cfg.profile:  # bits / batch / length / rank lowered until the estimate fits the profile's budget
-        from .fit import apply_profile
+        from ..profiling.fit import apply_profile
 
         cfg = apply_profile(cfg)
     if cfg.method == "calibrate":  # the prior-only baseline: no weights change
@@ -131,7 +133,7 @@ def tune(cfg: TuneConfig, resume: str | None = None) -> dict:
             raise UserError("--resume: calibrate runs take no steps, so there is nothing to resume")
         return tune_calibrate(cfg)
     if cfg.method in ("mezo", "fo-lora"):  # the baselines: same data, eval and outputs, own loop
-        from .baseline_train import tune_baseline
+        from .baselines import tune_baseline
 
         return tune_baseline(cfg, resume)
     if cfg.backend == "ort" and cfg.bits not in (4, 32):  # refused now, not after a minute of calibration
@@ -351,7 +353,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
 
 def _ort_loss(model, task, layers, splits, model_folder, device, bits):
     """``--backend ort``: the loss graph of these adapters in ONNX Runtime (exported once, cached)."""
-    from .onnx_backend import build_ort_loss
+    from ..onnx.loss_graph import build_ort_loss
 
     return build_ort_loss(model, task, layers, task.collate(splits.train[:2]), model_folder, device, bits)
 

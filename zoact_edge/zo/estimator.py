@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .layer import ZOActLinear
+from ..adapters.layer import ZOActLinear
 
 
 def derive_seed(*parts: int) -> int:

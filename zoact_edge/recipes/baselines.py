@@ -26,24 +26,24 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .baselines import add_lora_model, backprop_step, mezo_params, mezo_step
-from .config import TuneConfig
-from .errors import UserError
-from .evaluate import evaluate
-from .fit import check_batch_fits
-from .memory import release_free_memory
-from .models import load_model
-from .paths import atomic_save_file, file_mode
-from .profiler import Meter, inference_peak, padded_to, tune_peak_summary
-from .tasks import build_task
-from .zo import derive_seed
-from . import targets as tgt
+from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
+from ..config import TuneConfig
+from ..errors import UserError
+from ..data.evaluate import evaluate
+from ..profiling.fit import check_batch_fits
+from ..memory import release_free_memory
+from ..models import load_model
+from ..paths import atomic_save_file, file_mode
+from ..profiling.harness import Meter, inference_peak, padded_to, tune_peak_summary
+from ..data.tasks import build_task
+from ..zo.estimator import derive_seed
+from ..adapters import targets as tgt
 
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
 
 def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
-    from .train import claim_output
+    from .zoact import claim_output
 
     t_start = time.time()
     cfg = cfg.resolved()
@@ -63,7 +63,7 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
 
 
 def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
-    from .train import _write_json, batch_indices, lr_factor, make_optimizer, run_costs
+    from .zoact import _write_json, batch_indices, lr_factor, make_optimizer, run_costs
 
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .layer import ZOActLinear
-from .paths import atomic_dir, cache_dir
-from .tasks import Batch, ClassificationTask, hidden_states, output_rows
+from ..errors import UserError
+from ..adapters.layer import ZOActLinear
+from ..paths import atomic_dir, cache_dir
+from ..data.tasks import Batch, ClassificationTask, hidden_states, output_rows
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def quantize_loss_graph(src: Path, dst: Path, p_names: set[str], n_bases: int, b
     """
     import onnx
 
-    from .onnx_forms import matmul_nbits_quantizer
+    from .forms import matmul_nbits_quantizer
 
     MatMulNBitsQuantizer = matmul_nbits_quantizer()
     model = onnx.load(str(src))
@@ -346,7 +346,7 @@ class OrtLoss:
         """
         from tqdm.auto import tqdm
 
-        from .evaluate import _length_sorted
+        from ..data.evaluate import _length_sorted
 
         classification = isinstance(task, ClassificationTask)
         correct, loss_sum, n, nll, tokens = 0, 0.0, 0, 0.0, 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 META = "zoact_onnx.json"
 MODEL = "model.onnx"
@@ -33,7 +33,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 class OnnxDecoder:
     def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
-        from .onnx_backend import make_session
+        from .loss_graph import make_session
 
         folder = Path(folder)
         if not (folder / MODEL).is_file() or not (folder / META).is_file():
@@ -88,7 +88,7 @@ class OnnxDecoder:
 
 def generate_text(folder: str, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy completion of ``prompt`` by the exported model in ``folder``."""
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     decoder = OnnxDecoder(folder)
     tokenizer = load_tokenizer(str(decoder.folder))
@@ -106,7 +106,7 @@ def evaluate_onnx(decoder: OnnxDecoder, task, examples: list, batch_size: int = 
     """The metrics of :func:`zoact_edge.evaluate.evaluate`, computed by the exported graph."""
     from tqdm.auto import tqdm
 
-    from .tasks import ClassificationTask
+    from ..data.tasks import ClassificationTask
 
     classification = isinstance(task, ClassificationTask)
     correct, loss_sum, nll, tokens = 0, 0.0, 0.0, 0

@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
-from .layer import noise_like
-from .zo import derive_seed
+from ..errors import UserError
+from ..adapters.layer import noise_like
+from .estimator import derive_seed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import adapter_io, onnx_forms, rundir, targets as tgt
-from .errors import UserError
+from ..adapters import files as adapter_io, targets as tgt
+from . import forms as onnx_forms
+from .. import rundir
+from ..errors import UserError
 from .export_layers import FROZEN, INT8_REFUSAL, stand_ins, swapped
-from .onnx_backend import INT4_BLOCK, require_onnxruntime
-from .onnx_runtime import META, MODEL, OnnxDecoder, folder_bytes
-from .paths import atomic_dir
+from .loss_graph import INT4_BLOCK, require_onnxruntime
+from .runtime import META, MODEL, OnnxDecoder, folder_bytes
+from ..paths import atomic_dir
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -167,7 +169,7 @@ def load_run(adapter_dir: str | Path, opts: ExportOptions) -> TunedRun:
 
     Refuses what cannot be exported faithfully before loading anything large.
     """
-    from .models import load_model
+    from ..models import load_model
 
     adapter_dir = Path(adapter_dir)
     pcfg, pairs = adapter_io.load_peft(adapter_dir)
@@ -194,8 +196,8 @@ def _validation_set(run: TunedRun, eval_samples: int):
     """The run's task and its first ``eval_samples`` validation examples (None, None without a run config)."""
     if not run.config:
         return None, None
-    from .config import TuneConfig, build_config
-    from .tasks import build_task
+    from ..config import TuneConfig, build_config
+    from ..data.tasks import build_task
 
     known = {k: v for k, v in run.config.items() if k in TuneConfig.__dataclass_fields__}
     task, splits = build_task(build_config(TuneConfig, known, {}), run.tokenizer)
@@ -204,7 +206,7 @@ def _validation_set(run: TunedRun, eval_samples: int):
 
 def _measure(folder: Path, reference, tokenizer, task, examples) -> dict:
     """Size, largest logit difference against ``reference`` and validation metrics of the graph in ``folder``."""
-    from .onnx_runtime import evaluate_onnx
+    from .runtime import evaluate_onnx
 
     decoder = OnnxDecoder(folder)
     diff, scale = parity(reference, decoder, tokenizer)

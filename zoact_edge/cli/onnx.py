@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def add_onnx_parsers(sub) -> None:
@@ -49,7 +49,7 @@ def add_onnx_parsers(sub) -> None:
 
 
 def cmd_export(args: dict) -> int:
-    from .export import ExportOptions, export
+    from ..onnx.export import ExportOptions, export
 
     opts = ExportOptions(**{k: args[k] for k in ExportOptions.__dataclass_fields__ if k in args})
     if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
@@ -60,7 +60,7 @@ def cmd_export(args: dict) -> int:
 
 
 def cmd_generate(args: dict) -> int:
-    from .onnx_runtime import generate_text
+    from ..onnx.runtime import generate_text
 
     n = args.get("max_new_tokens", 32)
     if n < 1:
@@ -71,10 +71,10 @@ def cmd_generate(args: dict) -> int:
 
 def cmd_eval_onnx(folder: str, args: dict, eval_fields, split: str, json_out: str | None) -> int:
     """``eval --onnx DIR``: the task (by default the one the adapter was tuned on) on the export."""
-    from .config import TuneConfig, build_config
-    from .models import load_tokenizer
-    from .onnx_runtime import OnnxDecoder, evaluate_onnx
-    from .tasks import build_task
+    from ..config import TuneConfig, build_config
+    from ..models import load_tokenizer
+    from ..onnx.runtime import OnnxDecoder, evaluate_onnx
+    from ..data.tasks import build_task
 
     decoder = OnnxDecoder(folder)
     saved_path = Path(folder) / "run_config.json"

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

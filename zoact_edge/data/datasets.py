@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 SPLITS = ("train", "validation", "test")
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import targets as tgt
-from .errors import UserError
+from ..adapters import targets as tgt
+from ..errors import UserError
 
 QUANTIZED = ("Linear4bit", "Linear8bitLt")  # bitsandbytes layers
 FROZEN = "frozen_t"  # buffer names: the exported initializers are found by them

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from .errors import UserError
-from .layer import ZOActLinear
+from ..errors import UserError
+from ..adapters.layer import ZOActLinear
 
 KINDS = ("plain", "rank", "layer-norm", "whiten")
 ENERGY_FLOOR = 1e-12  # relative to the top column: a dead column gets a large but finite scale

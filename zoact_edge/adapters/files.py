@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from ..errors import UserError
 from .layer import ZOActLinear
-from .paths import atomic_dir, atomic_save_file, atomic_write
+from ..paths import atomic_dir, atomic_save_file, atomic_write
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
