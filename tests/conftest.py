@@ -47,8 +47,7 @@ def make_tokenizer():
 
 
 def make_model(arch: str, vocab_size: int, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                              OPTForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     if arch == "llama":
@@ -102,3 +101,69 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- tune --backend ort (test_ort_*.py)
+# Exporting loss graphs is the slow part: the runs and graphs are made once per session and shared.
+
+ORT_FAST = ["--steps", "5", "--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16",
+            "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2", "--device", "cpu", "--eval-batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def ort_runs(model_dirs, tmp_path_factory):
+    """``tune`` with each backend, same options and seed (exports the loss graph once)."""
+    from zoact_edge.cli.main import main
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:  # the session's temp cache (conftest's is per test)
+        mp.setenv("ZOACT_CACHE", str(tmp_path_factory.getbasetemp() / "zoact-cache"))
+        for name, backend, bits in (("torch", "torch", "32"), ("ort", "ort", "32"), ("ort4", "ort", "4")):
+            out = tmp_path_factory.mktemp(f"run-{name}")
+            assert main(["tune", "--model", str(model_dirs["llama"]), "--output", str(out), "--backend", backend,
+                         "--bits", bits, "--overwrite", *ORT_FAST]) == 0
+            runs[name] = out
+    return runs
+
+
+@pytest.fixture(scope="session")
+def llama_cls(ort_runs, model_dirs, tokenizer, tmp_path_factory):
+    """The ORT run's model and adapters rebuilt from its checkpoint, with its (cached) loss graph."""
+    from helpers import rt_examples, rt_task
+
+    from zoact_edge.adapters import targets as tgt
+    from zoact_edge.adapters.build import inject_adapters
+    from zoact_edge.adapters.files import load_checkpoint
+    from zoact_edge.onnx import loss_graph, ort_engine
+
+    task = rt_task(tokenizer, max_length=24)
+    model = make_model("llama", len(tokenizer))
+    _, P, B, _ = load_checkpoint(ort_runs["ort"])
+    found = [t for t in tgt.find_targets(model) if t.name in P]
+    layers = inject_adapters(model, found, P, None, torch.float32, torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZOACT_CACHE", str(tmp_path_factory.getbasetemp() / "zoact-cache"))
+        mp.setattr(loss_graph, "export_loss_graph", _no_export)  # same model, targets, bases: cached
+        ort_loss = ort_engine.build_ort_loss(model, task, layers, task.collate(rt_examples(2)),
+                                               str(model_dirs["llama"]), torch.device("cpu"), 32)
+    return task, model, layers, ort_loss
+
+
+@pytest.fixture(scope="session")
+def llama_int4(llama_cls, model_dirs, tmp_path_factory):
+    """The int4 loss graph of the same adapters (quantized and cached by the ``--bits 4`` run)."""
+    from helpers import rt_examples
+
+    from zoact_edge.onnx import loss_graph, ort_engine
+
+    task, model, layers, _ = llama_cls
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZOACT_CACHE", str(tmp_path_factory.getbasetemp() / "zoact-cache"))
+        mp.setattr(loss_graph, "export_loss_graph", _no_export)
+        mp.setattr(loss_graph, "quantize_loss_graph", _no_export)
+        return ort_engine.build_ort_loss(model, task, layers, task.collate(rt_examples(2)),
+                                           str(model_dirs["llama"]), torch.device("cpu"), 4)
+
+
+def _no_export(*a, **k):
+    raise AssertionError("exported (or quantized) again although the graph is cached")

@@ -6,11 +6,9 @@ import hashlib
 
 import torch
 
-from zoact_edge.adapters import targets as tgt
-from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.adapters.build import build_adapters
 from zoact_edge.data.datasets import load_rotten_tomatoes
 from zoact_edge.data.tasks import RT_TEMPLATE, RT_WORDS, ClassificationTask, hidden_states
-from zoact_edge.recipes.zoact import inject_adapters
 
 
 def rt_task(tokenizer, max_length: int = 32):
@@ -28,11 +26,8 @@ def forward(model, batch):
 
 def add_adapters(model, task, rank=4, patterns=None, calib=16, method="gram", dtype=torch.float32, passes=3,
                  layers=None):
-    found = tgt.find_targets(model, patterns, layers)
-    batches = [task.collate(rt_examples(calib, offset=500))]
-    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
-                          batches, lambda b: forward(model, b), BasisConfig(rank=rank, method=method, passes=passes))
-    return inject_adapters(model, found, bases, None, dtype, torch.device("cpu"))
+    return build_adapters(model, [task.collate(rt_examples(calib, offset=500))], rank, method, targets=patterns,
+                          layers=layers, passes=passes, dtype=dtype, device=torch.device("cpu"))
 
 
 def randomize_coefficients(layers, scale=0.05, seed=1):

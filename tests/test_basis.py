@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
-from helpers import forward, rt_examples, rt_task
 from conftest import make_model
+from helpers import forward, rt_examples, rt_task
+
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases, detect_groups
 

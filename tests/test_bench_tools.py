@@ -59,14 +59,18 @@ def test_sweep_brackets_a_new_task_from_the_first_ones_choice_then_sweeps_eps_an
     sweep = json.loads((tmp_path / "sweep.json").read_text())["records"]
     assert bench_convergence.best_settings(sweep)["rotten-tomatoes/subspace"] == {"lr": grid[2], "eps": 1e-3}
     calls.clear()
-    bench_convergence.main(["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files])
+    bench_convergence.main(
+        ["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files]
+    )
     # rt's choice +- 1, then up to the end; then eps at the end
     assert [c[2:] for c in calls] == [(lr, 1e-3) for lr in grid[1:]] + [(grid[4], 1e-4), (grid[4], 1e-2)]
     sweep = json.loads((tmp_path / "sweep.json").read_text())["records"]
     assert all(r["test_accuracy"] is None for r in sweep)  # what the choice is read from has no test figure
     assert bench_convergence.best_settings(sweep)["tweets/subspace"] == {"lr": grid[4], "eps": 1e-2}
     calls.clear()
-    bench_convergence.main(["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files])
+    bench_convergence.main(
+        ["sweep", "--task", "tweets", "--start-from", "rotten-tomatoes", "--methods", "subspace", *files]
+    )
     assert calls == []  # a finished sweep runs nothing again, even with an eps-stage choice
 
     # a better run at another scale (batch 8, not this invocation's 16) is not a choice for this one
@@ -113,7 +117,9 @@ def test_sweep_table_marks_the_chosen_setting_per_method():
             for lr, eps, acc in ((5e-4, 1e-3, 0.66), (1e-3, 1e-3, 0.71), (2e-3, 1e-3, 0.69),
                                  (1e-3, 1e-4, 0.72), (1e-3, 1e-2, 0.60))]
     recs.append(dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.8]], None), settings={"lr": 1e-3}))
-    recs.append(dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.7]], None), settings={"lr": 5e-3}))  # off the grid: still shown
+    recs.append(
+        dict(_rec("fo-lora", 0, [[0, 0.5], [300, 0.7]], None), settings={"lr": 5e-3})
+    )  # off the grid: still shown
     zoact, fo_lora = readme_results.sweep_table({"records": recs}).splitlines()[2:]
     assert zoact.endswith("| lr 0.0005: 0.660; lr 0.001: 0.710; lr 0.002: 0.690 "
                           "| **lr 0.001, eps 0.0001: 0.720**; lr 0.001, eps 0.001: 0.710; lr 0.001, eps 0.01: 0.600 |")

@@ -152,7 +152,9 @@ def test_bad_inputs_fail_cleanly(model_dirs, tmp_path, capsys):
     _bad(["tune", "--model", broken, "--output", out], capsys, "cannot load", out)
     _bad(["tune", "--model", tmp_path / "x.gguf", "--output", out], capsys, "model file not found", out)
     _bad(["tune", "--model", "zoact-test-org/no-such-model", "--output", out], capsys, "cannot load", out)
-    _bad(["tune", "--model", m, "--rank", "500", *FAST[:2], "--output", out], capsys, "larger than the input width", out)
+    _bad(
+        ["tune", "--model", m, "--rank", "500", *FAST[:2], "--output", out], capsys, "larger than the input width", out
+    )
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     _bad(["tune", "--model", m, "--task", "lm", "--data", empty, "--output", out], capsys, "no rows", out)

@@ -21,18 +21,16 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_model
 from helpers import add_adapters, autograd_grads, fingerprint, randomize_coefficients, rt_examples, rt_task
+
 from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.build import build_adapters, inject_adapters
 from zoact_edge.adapters.files import save_peft
-from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.adapters.layer import noise_like
 from zoact_edge.models import load_model
-from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
-from zoact_edge.data.tasks import hidden_states
-from zoact_edge.recipes.zoact import inject_adapters
 from zoact_edge.zo.estimator import derive_seed, estimate, estimate_batches, layer_seed, write_gradients
+from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
 
 DEVICE = torch.device(os.environ.get("ZOACT_CUDA_TESTS_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,14 +160,8 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
     twin = _dequantized_twin(model, found)
     before = fingerprint(model)
 
-    def fwd(b):
-        with torch.inference_mode():
-            hidden_states(model, b)
-
     calib = [task.collate(rt_examples(16, offset=100)).to(DEVICE)]
-    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
-                          calib, fwd, BasisConfig(rank=4))
-    layers = list(inject_adapters(model, found, bases, None, torch.float32, DEVICE).values())
+    layers = list(build_adapters(model, calib, 4, found=found, dtype=torch.float32, device=DEVICE).values())
     randomize_coefficients({i: l for i, l in enumerate(layers)}, scale=0.05)
     batch = task.collate(rt_examples(8)).to(DEVICE)
 
@@ -213,7 +205,8 @@ def test_quantized_estimate_matches_autograd_and_weights_stay(model_dirs, bits, 
 
 
 def test_profile_on_device_accounts_for_its_parts(model_dirs, record_property):
-    from zoact_edge.profiling.harness import ProfileSpec, profile
+    from zoact_edge.config import ProfileSpec
+    from zoact_edge.profiling.harness import profile
 
     spec = ProfileSpec(model=str(model_dirs["llama"]), bits=4, device=DEVICE.type, batch=4, seq=32, rank=4, steps=2)
     r = profile(spec, ["inference", "zoact", "fo-lora"])

@@ -4,9 +4,14 @@ import json
 
 import pytest
 
-from zoact_edge.data.datasets import load_classification_file, load_completion_file, load_rotten_tomatoes, load_text_file
-from zoact_edge.errors import UserError
+from zoact_edge.data.datasets import (
+    load_classification_file,
+    load_completion_file,
+    load_rotten_tomatoes,
+    load_text_file,
+)
 from zoact_edge.data.tasks import CompletionTask, LMTask, parse_labels
+from zoact_edge.errors import UserError
 
 
 def test_rotten_tomatoes_splits_are_fixed_disjoint_and_deduplicated():

@@ -40,8 +40,8 @@ def test_default_model_is_pretrained_and_tunes(tmp_path, capsys):
 @pytest.mark.skipif(bool(os.environ.get("CI")) and not os.environ.get("ZOACT_SLOW_EXPORT"),
                     reason="exports the 135M model (minutes on 2 cores); ZOACT_SLOW_EXPORT=1 runs it in CI")
 def test_default_model_4bit_run_exports_its_own_nf4_weights(tmp_path):
-    from zoact_edge.onnx.export import ExportOptions, export
     from zoact_edge.models import load_model
+    from zoact_edge.onnx.export import ExportOptions, export
 
     run = tmp_path / "run4"
     assert main(["tune", "--bits", "4", "--steps", "2", "--batch-size", "4", "--calib-samples", "8",

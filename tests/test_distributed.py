@@ -34,7 +34,11 @@ def _single_thread_run(args):
                     reason="torch.distributed with gloo is needed")
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(model_dirs, tmp_path):
     model = model_dirs["llama"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "-m", "zoact_edge", "tune", "--model", str(model), "--batch-size", "4",

@@ -19,11 +19,13 @@ pytest.importorskip("onnxruntime")
 
 from conftest import make_model  # noqa: E402
 from helpers import add_adapters, randomize_coefficients, rt_task  # noqa: E402
-from zoact_edge.onnx import export as export_mod, forms as onnx_forms  # noqa: E402
+
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.files import save_peft  # noqa: E402
 from zoact_edge.cli.main import main  # noqa: E402
 from zoact_edge.errors import UserError  # noqa: E402
+from zoact_edge.onnx import export as export_mod  # noqa: E402
+from zoact_edge.onnx import forms as onnx_forms
 from zoact_edge.onnx.export import ExportOptions, export  # noqa: E402
 from zoact_edge.onnx.export_layers import frozen_weight  # noqa: E402
 from zoact_edge.onnx.runtime import OnnxDecoder  # noqa: E402
@@ -261,7 +263,9 @@ def test_bnb4_node_computes_bitsandbytes_own_weights(quant_type, nested):
                                         "block_size": fw.block_size, "K": 192, "N": 96}})
     assert [n.op_type for n in model.graph.node] == ["MatMulBnb4"] and len(model.graph.initializer) == 2
     x = torch.randn(5, 192)
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[
+        0
+    ]
     with torch.no_grad():
         for ref in (x @ dense.T, layer(x)):
             assert np.abs(y - ref.numpy()).max() <= 1e-5 * float(ref.abs().max())

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
-
 from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
+
 from zoact_edge.cli.main import build_parser
 from zoact_edge.config import TuneConfig, build_config
 from zoact_edge.data.datasets import TextExample
-from zoact_edge.errors import UserError
-from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
 from zoact_edge.data.tasks import LMTask
+from zoact_edge.errors import UserError
 from zoact_edge.zo.estimator import estimate, estimate_batches, forward_plan, write_gradients
+from zoact_edge.zo.prefix import adapted_blocks, make_loss_terms
 
 EPS = 1e-2  # large enough that + and - losses differ visibly, so a sign mix-up cannot pass
 
@@ -68,11 +68,14 @@ def test_fused_queries_batch_all_perturbations_in_one_forward(tokenizer):
     model, task, adapters, batch = _setup(tokenizer)
     order = list(adapters.values())
     rows = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda m, a, k: rows.append(k.get("hidden_states", a[0] if a else None).shape[0]),
-                                                            with_kwargs=True)
+    handle = model.model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: rows.append(k.get("hidden_states", a[0] if a else None).shape[0]), with_kwargs=True
+    )
     ref = _separate(model, task, order, batch, seed=9, queries=3)
     rows.clear()
-    res = estimate_batches(order, make_loss_terms(model, task), [batch], 9, EPS, queries=3, fused=True, fuse_queries=True)
+    res = estimate_batches(
+        order, make_loss_terms(model, task), [batch], 9, EPS, queries=3, fused=True, fuse_queries=True
+    )
     handle.remove()
     assert rows == [6 * batch.rows]  # one forward of 2q x N rows
     _close(res, ref)
@@ -197,7 +200,7 @@ def test_fused_option_is_a_switch_whose_unset_value_means_auto():
 def test_adapters_follow_their_base_layers_device_when_asked(tokenizer):
     """``device=None`` (a model sharded with device_map="auto") keeps shared bases shared per device."""
     from zoact_edge.adapters import targets as tgt
-    from zoact_edge.recipes.zoact import inject_adapters
+    from zoact_edge.adapters.build import inject_adapters
 
     model = make_model("llama", len(tokenizer))
     found = tgt.find_targets(model, "q_proj,k_proj,v_proj")

@@ -18,8 +18,9 @@ def test_gpu_check_dry_run(tmp_path):
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
-    assert {n: s["status"] for n, s in r["stages"].items()} == {n: "ok" for n in
-                                                                ("env", "tests", "shapes", "profile", "bench_step", "fit")}
+    assert {n: s["status"] for n, s in r["stages"].items()} == {
+        n: "ok" for n in ("env", "tests", "shapes", "profile", "bench_step", "fit")
+    }
     assert r["tests"]["counts"]["passed"] >= 10 and not r["tests"]["counts"]["failed"]
     assert all(p["status"] == "ok" for p in r["profile"].values()) and len(r["profile"]) == 2
     assert all(b["status"] == "ok" for b in r["bench_step"].values())

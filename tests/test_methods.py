@@ -4,18 +4,18 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-
 from conftest import make_model
 from helpers import autograd_grads, randomize_coefficients, rt_examples, rt_task
+from peft import PeftModel
+
 from zoact_edge.adapters import targets as tgt
+from zoact_edge.adapters.build import inject_adapters
 from zoact_edge.adapters.files import save_peft
-from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
-from zoact_edge.cli.main import main
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.adapters.subspace import fold_and_resample, input_groups, random_basis, random_bases
+from zoact_edge.adapters.subspace import fold_and_resample, input_groups, random_bases, random_basis
+from zoact_edge.cli.main import main
 from zoact_edge.data.tasks import ClassificationTask, hidden_states
-from zoact_edge.recipes.zoact import inject_adapters
+from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24"]
@@ -82,7 +82,9 @@ def test_mezo_estimate_is_the_directional_derivative_and_restores_weights(tokeni
         p.requires_grad_(False)
     seed = 11
     res = mezo_step(params, _loss_fn(model, task, batch), seed, eps=1e-4, lr=0.0)
-    expected = sum(float((g * noise_like(p, derive_seed(seed, i))).sum()) for i, (g, p) in enumerate(zip(grads, params)))
+    expected = sum(
+        float((g * noise_like(p, derive_seed(seed, i))).sum()) for i, (g, p) in enumerate(zip(grads, params))
+    )
     assert abs(res.projected - expected) <= 1e-4 * max(1.0, abs(expected))
     assert all(torch.allclose(p, b, atol=1e-12, rtol=0) for p, b in zip(params, before))
     # With lr > 0 the update is exactly -lr * projected * z.
@@ -210,7 +212,7 @@ def test_method_refusals(model_dirs, tmp_path, capsys):
 
 def test_lr_default_depends_on_the_method():
     from zoact_edge.config import DEFAULT_LR, TuneConfig
-    from zoact_edge.recipes.zoact import make_optimizer
+    from zoact_edge.recipes.harness import make_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert make_optimizer(p, TuneConfig()).param_groups[0]["lr"] == DEFAULT_LR["zoact"] == 1e-3

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_model
+from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 from peft import PeftModel
 
-from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
-from conftest import make_model
 from zoact_edge.adapters.files import load_peft, save_peft
 
 

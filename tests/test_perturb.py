@@ -7,18 +7,18 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_model
 from helpers import autograd_grads, forward, randomize_coefficients, rt_examples, rt_task
-from zoact_edge.zo import perturb
+from safetensors.torch import load_file
+
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases
-from zoact_edge.recipes.calibrate import fitted_bias, label_logits, uniform_bias
-from zoact_edge.cli.main import main
+from zoact_edge.adapters.build import inject_adapters
 from zoact_edge.adapters.layer import noise_like
+from zoact_edge.cli.main import main
 from zoact_edge.data.tasks import scored_mask
-from zoact_edge.recipes.zoact import inject_adapters
+from zoact_edge.recipes.calibrate import fitted_bias, label_logits, uniform_bias
+from zoact_edge.zo import perturb
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed, write_gradients
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24"]

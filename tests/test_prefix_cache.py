@@ -4,18 +4,18 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
-from zoact_edge.zo import prefix
+from safetensors.torch import load_file
+
 from zoact_edge.cli.main import main
 from zoact_edge.config import TuneConfig, build_config
 from zoact_edge.data.datasets import TextExample
-from zoact_edge.errors import UserError
-from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
 from zoact_edge.data.tasks import LMTask
+from zoact_edge.errors import UserError
+from zoact_edge.zo import prefix
 from zoact_edge.zo.estimator import estimate, estimate_batches
+from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
 
 EPS = 1e-2  # + and - losses differ visibly, so a sign mix-up cannot pass
 FIRST = list(range(8))  # a batch 32 tokens wide
@@ -147,7 +147,10 @@ def test_memory_bound_is_respected(tokenizer):
     assert cache.bytes == sum(row_bytes[:3]) <= bound and cache.full
     assert sum(t.numel() * t.element_size() for t in cache.entries.values()) == cache.bytes
     empty = PrefixCache(model, adapters, 0)  # caches nothing, computes the same losses
-    assert _max_diff(estimate_batches(order, make_loss_terms(model, task, None, empty), [a], 2, EPS, queries=2), ref) <= 1e-5
+    assert (
+        _max_diff(estimate_batches(order, make_loss_terms(model, task, None, empty), [a], 2, EPS, queries=2), ref)
+        <= 1e-5
+    )
     assert not empty.entries and empty.bytes == 0
 
 

@@ -8,12 +8,15 @@ import sys
 import pytest
 import torch
 
-from zoact_edge.zo.baselines import mezo_params, mezo_step
-from zoact_edge.cli.main import main
-from zoact_edge.errors import UserError
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.profiling.harness import (Meter, ProfileSpec, optimizer_state_tensors, parse_bytes, parse_methods, profile,
-                                 storage_bytes, summarize)
+from zoact_edge.cli.main import main
+from zoact_edge.config import ProfileSpec
+from zoact_edge.errors import UserError
+from zoact_edge.profiling.harness import parse_methods, profile, summarize
+from zoact_edge.profiling.meter import Meter
+from zoact_edge.profiling.methods import optimizer_state_tensors, storage_bytes
+from zoact_edge.profiling.profiles import parse_bytes
+from zoact_edge.zo.baselines import mezo_params, mezo_step
 from zoact_edge.zo.estimator import derive_seed
 
 MiB = 2**20
@@ -58,7 +61,7 @@ def test_held_state_and_transients_are_told_apart():
 
 _SUB_PHASES = """
 import torch
-from zoact_edge.profiling.harness import Meter
+from zoact_edge.profiling.meter import Meter
 MiB = 2**20
 meter = Meter(torch.device("cpu"))
 meter.start()
@@ -153,7 +156,9 @@ def test_profile_command_writes_the_report(model_dirs, tmp_path, capsys):
 
 
 def test_bad_profile_options_are_user_errors(capsys):
-    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("16 GB") == 16 * 10**9 and parse_bytes("512MiB") == 512 * MiB
+    assert (
+        parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("16 GB") == 16 * 10**9 and parse_bytes("512MiB") == 512 * MiB
+    )
     for bad in ("eight", "8 parsecs", ""):
         with pytest.raises(UserError):
             parse_bytes(bad)
@@ -208,7 +213,7 @@ def test_cuda_profile_reports_allocator_and_device_figures(model_dirs):
 
 # --------------------------------------------------------------------------- estimator and device profiles
 
-from zoact_edge.profiling import fit  # noqa: E402
+from zoact_edge.profiling import fit, profiles  # noqa: E402
 
 PROFILES = {"laptop-cpu-8gb", "laptop-cpu-16gb", "rtx-3060-12gb", "rtx-4090-24gb", "jetson-orin-nano-8gb",
             "raspberry-pi-5-8gb"}
@@ -222,8 +227,8 @@ def _llama_config(hidden, inter, layers, vocab=32000):
 
 
 def test_profiles_are_listed(capsys):
-    assert {p.name for p in fit.list_profiles()} >= PROFILES
-    for p in fit.list_profiles():
+    assert {p.name for p in profiles.list_profiles()} >= PROFILES
+    for p in profiles.list_profiles():
         assert p.reserve_bytes < p.budget_bytes <= p.memory_total_bytes and p.bits
     assert main(["profiles"]) == 0
     printed = capsys.readouterr().out
@@ -245,7 +250,7 @@ def test_model_shape_counts_the_real_parameters(model_dirs):
 def test_selection_stays_under_budget_and_prefers_the_profiles_bits():
     shape = fit.ModelShape.from_config(_llama_config(2048, 5632, 22))  # a 1.1B model
     want = fit.Setting(32, 16, 256, 16)
-    for p in fit.list_profiles():
+    for p in profiles.list_profiles():
         try:
             s, need = fit.choose(shape, p, want)
         except UserError:
@@ -254,18 +259,18 @@ def test_selection_stays_under_budget_and_prefers_the_profiles_bits():
         assert need == pytest.approx(independent, abs=1) and need <= p.budget_bytes, p.name
         assert s.bits in p.bits and s.batch <= min(want.batch, p.max_batch) and s.seq <= min(want.seq, p.max_seq)
     # fp32 weights of 1.1B parameters (4.4 GB) exceed the 8 GB laptop's 5 GiB budget: it drops to 4-bit.
-    s, _ = fit.choose(shape, fit.load_profile("laptop-cpu-8gb"), want)
+    s, _ = fit.choose(shape, profiles.load_profile("laptop-cpu-8gb"), want)
     assert s.bits == 4
 
 
 def test_a_model_that_cannot_fit_is_refused_with_alternatives():
     shape = fit.ModelShape.from_config(_llama_config(5120, 13824, 40))  # 13B: 6.5 GB even at 4-bit
     with pytest.raises(UserError, match="does not fit profile laptop-cpu-8gb") as e:
-        fit.choose(shape, fit.load_profile("laptop-cpu-8gb"), fit.Setting(32, 8, 64, 16))
+        fit.choose(shape, profiles.load_profile("laptop-cpu-8gb"), fit.Setting(32, 8, 64, 16))
     assert "rtx-4090-24gb" in str(e.value) and "raspberry-pi-5-8gb" not in str(e.value)
     huge = fit.ModelShape.from_config(_llama_config(8192, 28672, 80))  # 70B: no listed device
     with pytest.raises(UserError, match="No listed profile fits"):
-        fit.choose(huge, fit.load_profile("rtx-4090-24gb"), fit.Setting(16, 1, 32, 4))
+        fit.choose(huge, profiles.load_profile("rtx-4090-24gb"), fit.Setting(16, 1, 32, 4))
 
 
 def test_tune_with_a_profile_applies_its_choice(model_dirs, tmp_path):

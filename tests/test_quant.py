@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-
 from helpers import fingerprint, rt_examples, rt_task
+
 from zoact_edge.adapters import targets as tgt
-from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.adapters.build import build_adapters
 from zoact_edge.models import load_model
-from zoact_edge.data.tasks import hidden_states
-from zoact_edge.recipes.zoact import inject_adapters
 from zoact_edge.zo.estimator import zo_step
 
 
@@ -30,13 +28,7 @@ def _train(loaded, steps, lr, seed=0):
     dev = loaded.device
     calib = [task.collate(rt_examples(16, offset=100)).to(dev)]
 
-    def fwd(b):
-        with torch.inference_mode():
-            hidden_states(model, b)
-
-    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
-                          calib, fwd, BasisConfig(rank=4))
-    layers = list(inject_adapters(model, found, bases, None, torch.float32, dev).values())
+    layers = list(build_adapters(model, calib, 4, found=found, dtype=torch.float32, device=dev).values())
     batch = task.collate(rt_examples(8)).to(dev)  # a toy task: fit eight fixed labels
 
     def loss():

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zoact_edge.adapters import files as adapter_io
 from zoact_edge import rundir
+from zoact_edge.adapters import files as adapter_io
 from zoact_edge.cli.main import main
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "8", "--eval-batch-size", "8",
@@ -56,7 +56,8 @@ def finished_run(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZOACT_CACHE", str(tmp_path_factory.getbasetemp() / "zoact-cache"))
-        assert _run(["tune", "--model", model_dirs["llama"], "--output", out, *FAST, "--steps", "4", "--save-every", "2"]) == 0
+        args = ["tune", "--model", model_dirs["llama"], "--output", out, *FAST, "--steps", "4", "--save-every", "2"]
+        assert _run(args) == 0
     return out
 
 
@@ -131,12 +132,15 @@ CASES = [  # (id, fragment of the error line, arguments from a Ctx)
     ("length-tiny", "--max-length must be", lambda c: [T, M, c.m, "--output", c.out, "--max-length", "2"]),
     ("queries-zero", "--queries must be", lambda c: [T, M, c.m, "--output", c.out, "--queries", "0"]),
     ("weight-decay-nan", "--weight-decay", lambda c: [T, M, c.m, "--output", c.out, "--weight-decay", "nan"]),
-    ("momentum-too-big", "--momentum", lambda c: [T, M, c.m, "--output", c.out, "--optimizer", "sgd", "--momentum", "1.5"]),
+    ("momentum-too-big", "--momentum",
+     lambda c: [T, M, c.m, "--output", c.out, "--optimizer", "sgd", "--momentum", "1.5"]),
     ("max-bad-steps-zero", "--max-bad-steps", lambda c: [T, M, c.m, "--output", c.out, "--max-bad-steps", "0"]),
     ("config-missing", "config file not found", lambda c: [T, "--config", c.tmp / "nope.toml", "--output", c.out]),
-    ("config-unknown-key", "unknown option", lambda c: [T, "--config", c.file("k.toml", "stepz = 3\n"), "--output", c.out]),
+    ("config-unknown-key", "unknown option",
+     lambda c: [T, "--config", c.file("k.toml", "stepz = 3\n"), "--output", c.out]),
     ("config-bad-toml", "config file", lambda c: [T, "--config", c.file("b.toml", "steps = = 3\n"), "--output", c.out]),
-    ("config-bad-type", "option steps", lambda c: [T, "--config", c.file("t.toml", 'steps = "many"\n'), "--output", c.out]),
+    ("config-bad-type", "option steps",
+     lambda c: [T, "--config", c.file("t.toml", 'steps = "many"\n'), "--output", c.out]),
     ("config-bad-bits", "--bits 5", lambda c: [T, "--config", c.file("bits.toml", "bits = 5\n"), "--output", c.out]),
     # output folders that are not ours to write
     ("output-is-a-file", "is not a folder", lambda c: [T, M, c.m, "--output", c.file("f", "x")]),
@@ -162,7 +166,8 @@ CASES = [  # (id, fragment of the error line, arguments from a Ctx)
     ("resume-changes-output", "--output", lambda c: [T, "--resume", c.run(), "--output", c.out]),
     ("resume-corrupt-coefficients", "checksum mismatch", lambda c: [T, "--resume", c.edit_run_file(
         "checkpoint/coefficients.safetensors", _flip_bytes)]),
-    ("resume-nan-coefficients", "NaN/inf", lambda c: [T, "--resume", c.edit_run_file(".", _nan_coefficients_without_checksum)]),
+    ("resume-nan-coefficients", "NaN/inf",
+     lambda c: [T, "--resume", c.edit_run_file(".", _nan_coefficients_without_checksum)]),
     ("resume-torn-state", "corrupt checkpoint", lambda c: [T, "--resume", c.edit_run_file(
         "checkpoint/state.json", lambda p: p.write_text(p.read_text()[:50]))]),
     ("resume-missing-optimizer", "corrupt checkpoint", lambda c: [T, "--resume", c.edit_run_file(
@@ -175,10 +180,13 @@ CASES = [  # (id, fragment of the error line, arguments from a Ctx)
     ("eval-corrupt-run-config", "unreadable", lambda c: ["eval", "--adapter", c.edit_run_file(
         "run_config.json", lambda p: p.write_text("{"))]),
     # templates
-    ("template-other-field", "{foo} is not allowed", lambda c: [T, M, c.m, "--output", c.out, "--template", "{foo} {text}"]),
-    ("template-escaped-braces", "must contain {text}", lambda c: [T, M, c.m, "--output", c.out, "--template", "{{text}} was"]),
+    ("template-other-field", "{foo} is not allowed",
+     lambda c: [T, M, c.m, "--output", c.out, "--template", "{foo} {text}"]),
+    ("template-escaped-braces", "must contain {text}",
+     lambda c: [T, M, c.m, "--output", c.out, "--template", "{{text}} was"]),
     ("template-unbalanced", "literal braces", lambda c: [T, M, c.m, "--output", c.out, "--template", "{text was"]),
-    ("template-conversion", "{text!r} is not allowed", lambda c: [T, M, c.m, "--output", c.out, "--template", "{text!r}"]),
+    ("template-conversion", "{text!r} is not allowed",
+     lambda c: [T, M, c.m, "--output", c.out, "--template", "{text!r}"]),
     ("template-no-room", "leaves no room", lambda c: [T, M, c.m, "--output", c.out, "--max-length", "8",
                                                       "--template", "{text}" + " it was" * 10]),
     # sizes that cannot fit, and runs that cannot give a sound adapter
@@ -200,7 +208,8 @@ CASES = [  # (id, fragment of the error line, arguments from a Ctx)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_with_one_line_and_touches_nothing(case, model_dirs, finished_run, tmp_path, monkeypatch, capsys):
+def test_bad_input_fails_with_one_line_and_touches_nothing(case, model_dirs, finished_run, tmp_path, monkeypatch,
+                                                           capsys):
     _, fragment, make = case
     c = Ctx(tmp_path, model_dirs["llama"], finished_run, monkeypatch)
     try:
@@ -256,7 +265,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(model_dirs, tmp_path, 
 
 
 def test_a_bug_is_one_line_and_exit_1(monkeypatch, capsys):
-    import zoact_edge.cli.main as cli
+    import zoact_edge.cli.tune as cli
 
     def broken(args):
         raise RuntimeError("boom\nsecond line")
@@ -330,8 +339,8 @@ def test_templates_read_escapes(tokenizer):
 
 
 def test_non_finite_adapter_is_never_saved(tmp_path):
-    from zoact_edge.errors import UserError
     from zoact_edge.adapters.layer import ZOActLinear
+    from zoact_edge.errors import UserError
 
     layer = ZOActLinear(torch.nn.Linear(4, 3), torch.eye(4)[:, :2].contiguous(), torch.full((3, 2), float("inf")))
     with pytest.raises(UserError, match="NaN/inf"):

@@ -1,9 +1,9 @@
 """The ZO-Act estimator against autograd, and the exactness of perturb / restore."""
 
 import torch
-
-from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 from conftest import make_model
+from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
+
 from zoact_edge.adapters.layer import noise_like
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed, write_gradients, zo_step
 

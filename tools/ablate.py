@@ -21,8 +21,8 @@ import argparse
 import fcntl
 import json
 import os
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,13 +117,17 @@ def ablate(args) -> None:
 
 def table(path: Path) -> str:
     """The records as a markdown table: validation accuracy at each evaluation, final loss."""
-    rows = ["| task | run | seed | method, settings | val acc. at forwards | final val loss |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| task | run | seed | method, settings | val acc. at forwards | final val loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in json.loads(path.read_text())["records"]:
         points = [(f, a) for f, a in r["curve"] if f > 0]
         points = [p for i, p in enumerate(points) if i == len(points) - 1 or p[0] != points[-1][0]]
         curve = " / ".join(f"{a:.3f}" for _, a in points) + f" (at {' / '.join(str(f) for f, _ in points)})"
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-        rows.append(f"| {r['task']} | {r['name']} | {r['seed']} | {r['method']}: {settings} | {curve} | {r['val_loss']:.3f} |")
+        rows.append(f"| {r['task']} | {r['name']} | {r['seed']} | {r['method']}: {settings} | {curve} | "
+                    f"{r['val_loss']:.3f} |")
     return "\n".join(rows)
 
 

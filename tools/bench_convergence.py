@@ -120,8 +120,11 @@ def _same_scale(r: dict, args) -> bool:
 
     A choice read from runs at another scale (say a 600-forward sweep) would not be this one's.
     """
-    return (r["forwards"] == spent(r["method"], args.budget)
-            and (r["batch_size"], r["eval_samples"], r["bits"]) == (args.batch_size, args.eval_samples, args.bits or 32))
+    return r["forwards"] == spent(r["method"], args.budget) and (r["batch_size"], r["eval_samples"], r["bits"]) == (
+        args.batch_size,
+        args.eval_samples,
+        args.bits or 32,
+    )
 
 
 def _same_run(r: dict, method: str, task: str, seed: int, settings: dict, args) -> bool:
@@ -157,7 +160,9 @@ def sweep(args) -> None:
         _save(sealed_path, sealed)
         data["records"].append({**rec, "test_accuracy": None})
         _save(path, data)
-        print(f"{args.task} {method} {settings}: val {rec['val_accuracy']:.3f} ({rec['wall_seconds']:.0f} s)", flush=True)
+        print(
+            f"{args.task} {method} {settings}: val {rec['val_accuracy']:.3f} ({rec['wall_seconds']:.0f} s)", flush=True
+        )
         return rec
 
     for method in args.methods.split(","):
@@ -221,7 +226,11 @@ def run(args) -> None:
                 if any(_same_run(r, method, task, seed, settings, args) for r in data["records"]):
                     continue
                 same = [r for r in sealed["records"] if _same_run(r, method, task, seed, settings, args)]
-                rec = same[0] if same else run_one(method, task, seed, args.budget, args.points, settings, args, test=True)
+                rec = (
+                    same[0]
+                    if same
+                    else run_one(method, task, seed, args.budget, args.points, settings, args, test=True)
+                )
                 data["records"].append(rec)
                 _save(path, data)
                 print(f"{task} seed {seed} {method}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
@@ -274,7 +283,8 @@ def main(argv=None) -> None:
         s = sub.add_parser(name)
         s.add_argument("--methods", default=",".join(METHODS))
         s.add_argument("--budget", type=int, default=300, help="training forwards per run")
-        s.add_argument("--points", type=int, default=5, help="validation evaluations per run (plus zero-shot and final)")
+        s.add_argument("--points", type=int, default=5, help="validation evaluations per run (plus zero-shot and "
+                                                             "final)")
         s.add_argument("--batch-size", type=int, default=16)
         s.add_argument("--eval-samples", type=int, default=500)
         s.add_argument("--bits", type=int, default=0, help="frozen weight bits (default: 32)")
@@ -285,7 +295,8 @@ def main(argv=None) -> None:
         s.add_argument("--extra", default="", help="more tune options for every run, e.g. '--rank 4 --max-length 32'")
     sub.choices["sweep"].add_argument("--task", default="rotten-tomatoes")
     sub.choices["sweep"].add_argument("--start-from", metavar="TASK", default=None,
-                                      help="bracket the optimum starting at TASK's choice instead of running the whole grid")
+                                      help="bracket the optimum starting at TASK's choice instead of running the "
+                                           "whole grid")
     r = sub.choices["run"]
     r.add_argument("--tasks", default="rotten-tomatoes,tweets")
     r.add_argument("--seeds", default="0,1,2")

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from zoact_edge.onnx import forms as onnx_forms  # noqa: E402
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.cli.main import main as cli  # noqa: E402
+from zoact_edge.onnx import forms as onnx_forms  # noqa: E402
 from zoact_edge.onnx.export import ExportOptions, export, load_run  # noqa: E402
 from zoact_edge.onnx.runtime import OnnxDecoder  # noqa: E402
 from zoact_edge.paths import atomic_write  # noqa: E402
@@ -122,7 +122,9 @@ def bnb4_layer_stage(run_dir: str) -> dict:
         onnx_forms.write_bnb4(one, {"W": {"form": fw.form, "packed": fw.packed, "absmax": fw.absmax,
                                           "block_size": fw.block_size, "K": K, "N": N}})
         x = torch.randn(4, K, generator=gen)
-        y = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        y = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x.numpy()}
+        )[0]
         dense = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
         with torch.no_grad():
             ref, forward = (x @ dense.T).numpy(), module(x).numpy()

@@ -31,30 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from zoact_edge.adapters import targets as tgt  # noqa: E402
-from zoact_edge.adapters.basis import BasisConfig, compute_bases  # noqa: E402
+from zoact_edge.adapters.build import build_adapters  # noqa: E402
 from zoact_edge.config import TuneConfig  # noqa: E402
+from zoact_edge.data.tasks import build_task  # noqa: E402
 from zoact_edge.models import load_model  # noqa: E402
-from zoact_edge.onnx.loss_graph import build_ort_loss  # noqa: E402
-from zoact_edge.data.tasks import build_task, hidden_states  # noqa: E402
-from zoact_edge.recipes.zoact import inject_adapters, make_optimizer  # noqa: E402
+from zoact_edge.onnx.ort_engine import build_ort_loss  # noqa: E402
+from zoact_edge.recipes.harness import make_optimizer  # noqa: E402
 from zoact_edge.zo.estimator import derive_seed, zo_step  # noqa: E402
 
 
 def step_times(args) -> dict:
-    cfg = TuneConfig(model=args.model, device="cpu", batch_size=args.batch_size, rank=args.rank, max_length=args.max_length)
+    cfg = TuneConfig(
+        model=args.model, device="cpu", batch_size=args.batch_size, rank=args.rank, max_length=args.max_length
+    )
     loaded = load_model(cfg.model, 32, device="cpu")
     model = loaded.model
     task, splits = build_task(cfg, loaded.tokenizer)
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     batch = task.collate(splits.train[: cfg.batch_size])
 
-    def fwd(b):
-        with torch.inference_mode():
-            hidden_states(model, b)
-
-    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
-                          [batch], fwd, BasisConfig(rank=cfg.rank))
-    layers = inject_adapters(model, found, bases, None, torch.float32, torch.device("cpu"))
+    layers = build_adapters(model, [batch], cfg.rank, found=found, dtype=torch.float32, device=torch.device("cpu"))
     order = list(layers.values())
     t0 = time.perf_counter()
     ort_loss = build_ort_loss(model, task, layers, task.collate(splits.train[:2]), loaded.folder,

@@ -34,17 +34,18 @@ def worker(spec: dict) -> dict:
     import torch
 
     from zoact_edge.adapters import targets as tgt
-    from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
-    from zoact_edge.adapters.basis import BasisConfig, compute_bases
+    from zoact_edge.adapters.build import build_adapters
     from zoact_edge.config import TuneConfig
-    from zoact_edge.models import load_model
-    from zoact_edge.adapters.subspace import input_groups, random_bases
     from zoact_edge.data.tasks import build_task, hidden_states
-    from zoact_edge.recipes.zoact import batch_indices, inject_adapters
+    from zoact_edge.models import load_model
+    from zoact_edge.recipes.harness import batch_indices
+    from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
     from zoact_edge.zo.estimator import derive_seed, zo_step
 
     torch.manual_seed(0)
-    cfg = TuneConfig(model=spec["model"], bits=spec["bits"], batch_size=spec["batch_size"], max_length=spec["max_length"])
+    cfg = TuneConfig(
+        model=spec["model"], bits=spec["bits"], batch_size=spec["batch_size"], max_length=spec["max_length"]
+    )
     loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, "cpu")
     model = loaded.model
     task, splits = build_task(cfg, loaded.tokenizer)
@@ -63,13 +64,9 @@ def worker(spec: dict) -> dict:
 
     state = {"n": 0}
     if method in ("zoact", "subspace"):
-        mods = {t.name: model.get_submodule(t.name) for t in found}
-        d_in = {t.name: t.d_in for t in found}
-        if method == "zoact":
-            bases = compute_bases(mods, d_in, [batch], fwd_only, BasisConfig(rank=spec["rank"]))
-        else:
-            bases = random_bases(input_groups(mods, lambda: fwd_only(batch)), d_in, spec["rank"], 0)
-        layers = list(inject_adapters(model, found, bases, None, torch.float32, torch.device("cpu")).values())
+        basis = "auto" if method == "zoact" else "random"
+        layers = list(build_adapters(model, [batch], spec["rank"], basis, found=found, dtype=torch.float32,
+                                     device=torch.device("cpu")).values())
         opt = torch.optim.Adam([l.B for l in layers], lr=1e-3)
 
         def step():
@@ -108,8 +105,24 @@ def worker(spec: dict) -> dict:
 
 def run_profiler(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "zoact_edge", "profile", "--batch", str(args.batch_size), "--seq", str(args.max_length),
-               "--rank", str(args.rank), "--bits", str(args.bits), "--methods", "inference,zoact,mezo,fo-lora", "--out", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zoact_edge",
+            "profile",
+            "--batch",
+            str(args.batch_size),
+            "--seq",
+            str(args.max_length),
+            "--rank",
+            str(args.rank),
+            "--bits",
+            str(args.bits),
+            "--methods",
+            "inference,zoact,mezo,fo-lora",
+            "--out",
+            tmp,
+        ]
         if args.model:
             cmd += ["--model", args.model]
         subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -28,15 +28,15 @@ import time
 import torch
 
 from zoact_edge.adapters import targets as tgt
-from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.adapters.build import build_adapters
 from zoact_edge.config import TuneConfig
-from zoact_edge.zo.distributed import payload_bytes
+from zoact_edge.data.tasks import build_task, hidden_states
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
-from zoact_edge.data.tasks import build_task, hidden_states
-from zoact_edge.recipes.zoact import batch_indices, inject_adapters
+from zoact_edge.recipes.harness import batch_indices
+from zoact_edge.zo.distributed import payload_bytes
 from zoact_edge.zo.estimator import apply_update, estimate_batches
+from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms
 
 
 def _forward_only(model, batch) -> None:
@@ -60,10 +60,8 @@ def _timed(fn, device) -> float:
 def bench_config(model, task, batch, calib, device, layers: str | None, args) -> dict:
     tgt.unwrap_all(model)
     found = tgt.find_targets(model, None, layers)
-    bases = compute_bases({t.name: model.get_submodule(t.name) for t in found}, {t.name: t.d_in for t in found},
-                          calib, lambda b: _forward_only(model, b), BasisConfig(rank=args.rank))
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    adapters = inject_adapters(model, found, bases, None, dtype, device)
+    adapters = build_adapters(model, calib, args.rank, found=found, dtype=dtype, device=device)
     order = list(adapters.values())
     optimizer = torch.optim.Adam([l.B for l in order], lr=1e-3)
     wrapped = {name: model.get_submodule(name) for name in adapters}

@@ -36,11 +36,11 @@ import torch
 
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases
+from zoact_edge.adapters.subspace import input_groups, random_bases
 from zoact_edge.config import TuneConfig
+from zoact_edge.data.tasks import build_task, hidden_states, scored_mask
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.adapters.subspace import input_groups, random_bases
-from zoact_edge.data.tasks import build_task, hidden_states, scored_mask
 from zoact_edge.recipes.zoact import _calibration_batches
 from zoact_edge.zo.estimator import derive_seed
 
@@ -194,9 +194,17 @@ def main(argv=None) -> None:
     grads = true_gradients(model, task, [splits.train[i] for i in idx], [t.name for t in found])
     print("gradients done", file=sys.stderr, flush=True)
 
-    result = {"model": loaded.folder, "task": args.task, "grad_samples": args.grad_samples, "calib_samples": cfg.calib_samples,
-              "queries": args.queries, "captured": {}, "captured_per_layer": {}, "zo_cosine": {},
-              "column_rms_ratio": {}}
+    result = {
+        "model": loaded.folder,
+        "task": args.task,
+        "grad_samples": args.grad_samples,
+        "calib_samples": cfg.calib_samples,
+        "queries": args.queries,
+        "captured": {},
+        "captured_per_layer": {},
+        "zo_cosine": {},
+        "column_rms_ratio": {},
+    }
     for kind in ("all", "scored", "random"):
         result["captured"][kind], result["captured_per_layer"][kind] = {}, {}
         for r in RANKS:

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from gpu_check import GOALS, SHAPES, fit_row, shape_of  # noqa: E402
-from zoact_edge.profiling import fit  # noqa: E402
+
 from zoact_edge.paths import atomic_write  # noqa: E402
+from zoact_edge.profiling import fit  # noqa: E402
+from zoact_edge.profiling.profiles import Profile, list_profiles  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 GPU_RUNS = RESULTS / "gpu-h200"
@@ -74,16 +76,20 @@ def gpu_summary(reports) -> dict:
     return {
         "what": "tools/gpu_check.sh on a lent H200 (random-weight models of real shapes, batch 8 x 256 for profile)",
         "runs": runs,
-        "fit_now": {"calibration": {k: fit.CALIBRATION[k] for k in ("cuda_runtime_bytes", "cuda_act_bytes_per_token_width",
-                                                                     "safety")},
-                    "rows": rows, "goal": f"{lo} <= estimate / measured <= {hi}",
-                    "in_sample": "the CUDA coefficients are calibrated on these same reports (fit.calibrate_cuda)",
-                    "runs_used": list(CURRENT_RUNS),
-                    "all_met": all(lo <= r["estimate_over_measured"] <= hi for r in rows)},
+        "fit_now": {
+            "calibration": {
+                k: fit.CALIBRATION[k] for k in ("cuda_runtime_bytes", "cuda_act_bytes_per_token_width", "safety")
+            },
+            "rows": rows,
+            "goal": f"{lo} <= estimate / measured <= {hi}",
+            "in_sample": "the CUDA coefficients are calibrated on these same reports (fit.calibrate_cuda)",
+            "runs_used": list(CURRENT_RUNS),
+            "all_met": all(lo <= r["estimate_over_measured"] <= hi for r in rows),
+        },
     }
 
 
-def largest_fit(shape: fit.ModelShape, profile: fit.Profile, bits: int = 4) -> dict | None:
+def largest_fit(shape: fit.ModelShape, profile: Profile, bits: int = 4) -> dict | None:
     """The largest batch x seq (ties: the longer seq) within the profile's limits that fits at ``bits``."""
     best = None
     seqs = [q for q in (32, 64, 128, 256, 512, 1024, 2048, 4096) if profile.min_seq <= q <= profile.max_seq]
@@ -97,7 +103,7 @@ def largest_fit(shape: fit.ModelShape, profile: fit.Profile, bits: int = 4) -> d
 
 
 def fit_table() -> dict:
-    profiles = [p for p in fit.list_profiles() if p.device == "cuda"]
+    profiles = [p for p in list_profiles() if p.device == "cuda"]
     rows = []
     for model, (kind, fields) in BIG_MODELS.items():
         shape = _shape(kind, fields)
@@ -167,11 +173,14 @@ def _memory_section(reports) -> list[str]:
         peak = {k: m[k].get("peak_bytes") for k in ("inference", "zoact", "fo-lora")}
         lines.append(f"| {run} | {Path(r['settings']['model']).name} | {r['settings']['bits']} | "
                      + " | ".join(_mib(peak[k]) for k in ("inference", "zoact", "fo-lora"))
-                     + f" | {m['zoact'].get('ratio_to_inference'):.3f} | {m['fo-lora'].get('ratio_to_inference'):.3f} |")
+                     + f" | {m['zoact'].get('ratio_to_inference'):.3f} | {m['fo-lora'].get('ratio_to_inference'):.3f} "
+                       f"|")
     lines += ["", "Read the 4-bit inference column with care: in these runs the inference process was the first to "
-              "load the model and quantized it itself, and the quantizing copy stayed resident (1.1 B: 1,250 MiB at the "
-              "start where the zoact process started at 818 MiB), so the 4-bit ratios in this table are too low. From the "
-              "zoact process's own starting line plus an inference forward's transients, ZO-Act's 4-bit peak is roughly "
+              "load the model and quantized it itself, and the quantizing copy stayed resident (1.1 B: 1,250 MiB at "
+              "the "
+              "start where the zoact process started at 818 MiB), so the 4-bit ratios in this table are too low. From "
+              "the zoact process's own starting line plus an inference forward's transients, ZO-Act's 4-bit peak is "
+              "roughly "
               "1.4-1.5x an inference forward (an estimate, not a measurement); at 16 bits, where nothing is quantized, "
               "the measured ratio is 1.27 (135M shape). "
               "`profile` now quantizes in a separate process before measuring, and the quantizing copy is freed; the "
@@ -190,25 +199,34 @@ def _step_section(summary: dict) -> list[str]:
             for c in b["configs"]:
                 ratio = c["step_over_inference_forward"]
                 cached = f"{ratio['fused_prefix_cache_step']:.2f}" if "fused_prefix_cache_step" in ratio else ""
-                lines.append(f"| {run} | {key} | {c['layers']} | {c['median_seconds']['inference_forward'] * 1e3:.1f} | "
-                             f"{ratio['plain_step']:.2f} | {ratio['fused_step']:.2f} | "
+                lines.append(f"| {run} | {key} | {c['layers']} | {c['median_seconds']['inference_forward'] * 1e3:.1f} "
+                             f"| {ratio['plain_step']:.2f} | {ratio['fused_step']:.2f} | "
                              f"{cached} |")
     lines += ["", "Rows are review sentences (about 43 tokens): at this size an H200 forward is bound by kernel "
               "launches, not arithmetic (the 1.1 B shape's 16-bit forward takes 15 ms), and a ZO step adds per-layer "
               "noise draws and small matmuls. (Measured in run 1, before coefficients became fp32; each forward "
-              "now also casts every layer's d_out x r coefficients to fp16, one small copy per layer.) The goal of a fused step within 1.3x one forward is not met (1.85-2.40x); "
+              "now also casts every layer's d_out x r coefficients to fp16, one small copy per layer.) The goal of a "
+              "fused step within 1.3x one forward is not met (1.85-2.40x); "
               "with the prefix cache on the upper half of the blocks it is (1.09-1.17x at 4 bits).", ""]
     return lines
 
 
 def markdown(table: dict, summary: dict, reports=()) -> str:
-    lines = [INTRO, *_tests_section(summary), *_memory_section(reports), *_step_section(summary),
-             "## Will it fit? Largest batch x length at 4 bits (rank 16, classification loss)", "",
-             "fit.py's estimate covers the frozen 4-bit weights, the adapters with their fp32 coefficients and Adam "
-             "state, the allocator's runtime and the activations of a fused ZO-Act step; it is multiplied by the "
-             f"safety factor {fit.CALIBRATION['safety']} and the profile's reserve (CUDA context) is added. Batch and "
-             "length are searched over powers of two within each profile's limits.", "",
-             "| model | params | profile | budget GiB | fits | batch x length | needs GiB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        INTRO,
+        *_tests_section(summary),
+        *_memory_section(reports),
+        *_step_section(summary),
+        "## Will it fit? Largest batch x length at 4 bits (rank 16, classification loss)",
+        "",
+        "fit.py's estimate covers the frozen 4-bit weights, the adapters with their fp32 coefficients and Adam "
+        "state, the allocator's runtime and the activations of a fused ZO-Act step; it is multiplied by the "
+        f"safety factor {fit.CALIBRATION['safety']} and the profile's reserve (CUDA context) is added. Batch and "
+        "length are searched over powers of two within each profile's limits.",
+        "",
+        "| model | params | profile | budget GiB | fits | batch x length | needs GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in table["rows"]:
         shape = f"{r['batch']} x {r['seq']}" if r["fits"] else "nothing"
         need = _gib(r["need_bytes"]) if r["fits"] else f"> {_gib(r['budget_bytes'])}"

@@ -50,7 +50,14 @@ SHAPES = {
 TINY = {"tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                      tie_word_embeddings=True)}
-CUDA_TEST_FILES = ["tests/test_cuda.py", "tests/test_quant.py", "tests/test_profiler.py", "tests/test_onnx.py"]
+CUDA_TEST_FILES = [
+    "tests/test_cuda.py",
+    "tests/test_quant.py",
+    "tests/test_profiler.py",
+    "tests/test_ort_loss_graph.py",
+    "tests/test_ort_engine.py",
+    "tests/test_ort_tune.py",
+]
 GOALS = {"zoact_peak_over_inference_4bit": 1.05, "fused_step_over_inference_forward": 1.3,
          "fit_estimate_over_measured": (1.0, 1.15)}
 
@@ -194,9 +201,8 @@ def _number(text):
 
 def stage_shapes(run: Run, shapes: dict, device: str, work: Path) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     out = {}
@@ -280,9 +286,16 @@ def fit_row(report: dict, shape) -> dict | None:
     if e.get("status") != "ok":
         return None
     est = estimate_bytes(shape, Setting(s["bits"], s["batch"], s["seq"], s["rank"]), s["device"], s["task"])
-    return {"model": Path(s["model"]).name, "bits": s["bits"], "batch": s["batch"], "seq": s["seq"],
-            "measured_zoact_peak_bytes": e["peak_bytes"], "estimate_bytes": est,
-            "estimate_over_measured": round(est / e["peak_bytes"], 3), "zoact_over_inference": e.get("ratio_to_inference")}
+    return {
+        "model": Path(s["model"]).name,
+        "bits": s["bits"],
+        "batch": s["batch"],
+        "seq": s["seq"],
+        "measured_zoact_peak_bytes": e["peak_bytes"],
+        "estimate_bytes": est,
+        "estimate_over_measured": round(est / e["peak_bytes"], 3),
+        "zoact_over_inference": e.get("ratio_to_inference"),
+    }
 
 
 def stage_fit(run: Run, shapes: dict, profiled: dict, benched: dict) -> dict:

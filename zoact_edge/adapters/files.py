@@ -23,8 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from .layer import ZOActLinear
 from ..paths import atomic_dir, atomic_save_file, atomic_write
+from .layer import ZOActLinear
+from .targets import is_conv1d
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -92,13 +93,15 @@ def save_peft(out_dir: Path, layers: dict[str, ZOActLinear], base_model: str,
     """Write the adapters as one PEFT LoRA. ``folded`` holds earlier (P, B) pairs already merged
     into the in-memory weights (``--method subspace --resample-every``): they are stacked with the
     current pair, so the saved LoRA (rank r x pairs) is the whole update to the original weights."""
-    fan_in_fan_out = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
+    fan_in_fan_out = any(is_conv1d(m.base) for m in layers.values())
     tensors, rank = {}, None
     for name, layer in layers.items():
         pairs = [*(folded or {}).get(name, []), (layer.P, layer.B.detach())]
         A = torch.cat([P.T.float().cpu() for P, _ in pairs], 0)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat([B.float().cpu() for _, B in pairs], 1).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat(
+            [B.float().cpu() for _, B in pairs], 1
+        ).contiguous()
         rank = A.shape[0]
     _refuse_non_finite(tensors, "the adapter")
     _save_tensors(tensors, out_dir / PEFT_WEIGHTS, {"format": "pt"})

@@ -69,7 +69,7 @@ class ZOActLinear(nn.Module):
         self.noise_groups: tuple[tuple[int, float], ...] | None = None
         self.shared = shared
         # Per-column scale of the perturbation (length r), or None for plain N(0, I): see
-        # zoact_edge/perturb.py. Set once after the bases; the update regenerates the same Z.
+        # zoact_edge/zo/perturb.py. Set once after the bases; the update regenerates the same Z.
         self.z_scale: torch.Tensor | None = None
 
     @property

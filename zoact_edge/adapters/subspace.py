@@ -22,10 +22,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .basis import detect_groups
 from ..errors import UserError
+from ..seeds import derive_seed
+from .basis import detect_groups
 from .layer import ZOActLinear
-from ..zo.estimator import derive_seed
+from .targets import is_conv1d, is_quantized
 
 RANDOM_BASIS_TAG = 0x5B5  # keeps these draws apart from every other seeded stream of the run
 
@@ -43,7 +44,9 @@ def input_groups(modules: dict[str, nn.Module], run_forward: Callable[[], None])
     return detect_groups(modules, run_forward)
 
 
-def random_bases(groups: list[list[str]], d_in: dict[str, int], rank: int, seed: int, draw: int = 0) -> dict[str, torch.Tensor]:
+def random_bases(
+    groups: list[list[str]], d_in: dict[str, int], rank: int, seed: int, draw: int = 0
+) -> dict[str, torch.Tensor]:
     """``{layer name: P}``; members of a group share one tensor. ``draw`` numbers the resamplings."""
     out = {}
     for g, names in enumerate(groups):
@@ -55,7 +58,7 @@ def random_bases(groups: list[list[str]], d_in: dict[str, int], rank: int, seed:
 
 def _float_weight(layer: ZOActLinear, name: str) -> torch.Tensor:
     w = layer.base.weight
-    if not w.dtype.is_floating_point or type(w).__name__ in ("Params4bit", "Int8Params"):
+    if is_quantized(w):
         raise UserError(f"--resample-every folds B P^T into the weights and needs --bits 16 or 32; {name} is quantized")
     return w
 
@@ -67,7 +70,7 @@ def fold_and_resample(layers: dict[str, ZOActLinear], groups: list[list[str]], r
     for name, layer in layers.items():
         w = _float_weight(layer, name)
         delta = layer.delta_weight()
-        if type(layer.base).__name__ == "Conv1D":  # GPT-2 stores W transposed (d_in x d_out)
+        if is_conv1d(layer.base):  # GPT-2 stores W transposed (d_in x d_out)
             delta = delta.T
         w.add_(delta.to(w.dtype))
         history.setdefault(name, []).append((layer.P.detach().cpu().clone(), layer.B.detach().cpu().clone()))

@@ -11,22 +11,38 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from ..config import parse_layers
 from ..errors import UserError
 from .layer import ZOActLinear
 
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")  # "model.layers.12.mlp" -> 12: the repeated-block index
 
 
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layers (subclasses of nn.Linear)
+QUANTIZED_WEIGHTS = ("Params4bit", "Int8Params")  # and their weights
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A bitsandbytes 4/8-bit weight (or any non-float one): it cannot be perturbed or updated in place."""
+    return not weight.dtype.is_floating_point or type(weight).__name__ in QUANTIZED_WEIGHTS
+
+
 def is_linear_like(module: nn.Module) -> bool:
     # bitsandbytes Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2's Conv1D does not.
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear-like module, quantized or not."""
-    if type(module).__name__ == "Conv1D":  # weight is stored transposed: (d_in, d_out)
+    if is_conv1d(module):  # weight is stored transposed: (d_in, d_out)
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
 
@@ -37,20 +53,6 @@ class Target:
     block: int
     d_in: int
     d_out: int
-
-
-def parse_layers(spec: str | None) -> tuple[int, int] | None:
-    """'10-29' (inclusive) or '12' -> (start, end); None means all blocks."""
-    if spec in (None, "", "all"):
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[-:]\s*(\d+))?\s*", str(spec))
-    if not m:
-        raise UserError(f"--layers {spec!r}: use a block index or an inclusive range like 10-29")
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) else lo
-    if hi < lo:
-        raise UserError(f"--layers {spec!r}: range end is below its start")
-    return lo, hi
 
 
 def find_targets(model: nn.Module, patterns: str | None = None, layers: str | None = None) -> list[Target]:

@@ -10,7 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import ExportOptions
 from ..errors import UserError
+from .options import add_options, option_fields
 
 
 def add_onnx_parsers(sub) -> None:
@@ -25,18 +27,7 @@ def add_onnx_parsers(sub) -> None:
     )
     ex.add_argument("--adapter", metavar="DIR", required=True, help="run folder written by tune")
     ex.add_argument("--out", metavar="DIR", required=True, help="folder to write the ONNX model to")
-    ex.add_argument("--int4", action="store_true",
-                    help="16/32-bit runs: frozen weights as int4 (ORT MatMulNBits), the adapter path kept float")
-    ex.add_argument("--merge", action="store_true",
-                    help="16/32-bit runs: fold B P^T into the weights (a plain model; with --int4 the update is "
-                         "rounded with the weights)")
-    ex.add_argument("--block-size", type=int, metavar="N", help="int4 quantization block size (default: 32)")
-    ex.add_argument("--tolerance", type=float, metavar="T",
-                    help="largest allowed |logit difference| of the fp32 export vs PyTorch, relative to the "
-                         "largest |logit| (default: 1e-4)")
-    ex.add_argument("--eval-samples", type=int, metavar="N",
-                    help="validation examples for the accuracy report (default: 200; 0: all)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (other folders are refused)")
+    add_options(ex, ExportOptions)
 
     gen = sub.add_parser(
         "generate", argument_default=argparse.SUPPRESS,
@@ -49,11 +40,10 @@ def add_onnx_parsers(sub) -> None:
 
 
 def cmd_export(args: dict) -> int:
-    from ..onnx.export import ExportOptions, export
+    from ..onnx.export import export
 
-    opts = ExportOptions(**{k: args[k] for k in ExportOptions.__dataclass_fields__ if k in args})
-    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
-        raise UserError("--block-size must be a power of two >= 16")
+    opts = ExportOptions(**{f.name: args[f.name] for f in option_fields(ExportOptions) if f.name in args})
+    opts.validate()
     report = export(args["adapter"], args["out"], opts)
     print(json.dumps({"out": args["out"], **report}, indent=2))
     return 0
@@ -72,9 +62,9 @@ def cmd_generate(args: dict) -> int:
 def cmd_eval_onnx(folder: str, args: dict, eval_fields, split: str, json_out: str | None) -> int:
     """``eval --onnx DIR``: the task (by default the one the adapter was tuned on) on the export."""
     from ..config import TuneConfig, build_config
+    from ..data.tasks import build_task
     from ..models import load_tokenizer
     from ..onnx.runtime import OnnxDecoder, evaluate_onnx
-    from ..data.tasks import build_task
 
     decoder = OnnxDecoder(folder)
     saved_path = Path(folder) / "run_config.json"

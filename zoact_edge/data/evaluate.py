@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .tasks import ClassificationTask
 
 
-def _length_sorted(task, examples: list, batch_size: int):
+def length_sorted(task, examples: list, batch_size: int):
     # Sorting by length cuts padding (a large share of eval time for short sentences).
     lengths = [len(task.collate([ex]).input_ids[0]) for ex in examples] if len(examples) > batch_size else None
     order = sorted(range(len(examples)), key=lambda i: lengths[i]) if lengths else list(range(len(examples)))
@@ -24,7 +24,7 @@ def evaluate(model, task, examples: list, batch_size: int = 32, device=None, des
     """Metrics of ``model`` on ``examples``; ``logit_bias`` (classification) is added to every row's label logits."""
     device = device or next(model.parameters()).device
     n_batches = math.ceil(len(examples) / batch_size)
-    bar = tqdm(_length_sorted(task, examples, batch_size), total=n_batches, desc=desc, leave=False, unit="batch")
+    bar = tqdm(length_sorted(task, examples, batch_size), total=n_batches, desc=desc, leave=False, unit="batch")
     if isinstance(task, ClassificationTask):
         correct, loss_sum, n = 0, 0.0, 0
         for chunk in bar:

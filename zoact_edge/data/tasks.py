@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .datasets import ClassificationExample, CompletionExample, TextExample
 from ..errors import UserError
+from .datasets import ClassificationExample, CompletionExample, TextExample
 
 
 @dataclass
@@ -38,8 +38,10 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")),
-                     example_ids=self.example_ids)
+        return Batch(
+            *(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")),
+            example_ids=self.example_ids,
+        )
 
     def with_example_ids(self, ids) -> "Batch":
         """This batch, its rows tagged with their training-set indices (see ``prefix.PrefixCache``)."""
@@ -56,7 +58,9 @@ class Batch:
     def repeat(self, groups: int) -> "Batch":
         """The batch stacked ``groups`` times along the rows (the fused +/- forward's input), untagged."""
         rep = lambda t: None if t is None else t.repeat(groups, *([1] * (t.dim() - 1)))  # noqa: E731
-        return Batch(*(rep(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask")))
+        return Batch(
+            *(rep(getattr(self, f)) for f in ("input_ids", "attention_mask", "position_ids", "labels", "target_mask"))
+        )
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +74,7 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def positions(mask: torch.Tensor) -> torch.Tensor:
     # Real tokens get positions 0..n-1 whatever the padding side; models with absolute position
     # embeddings (GPT-2, OPT) would otherwise see left-padded prompts shifted.
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -121,7 +125,8 @@ def read_template(template: str) -> str:
     other = next((f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
                   for name, spec, conv in fields if (name, spec, conv) != ("text", "", None)), None)
     if other is not None:
-        raise UserError(f"--template: {other} is not allowed: {{text}} is the only field (literal braces: {{{{ and }}}})")
+        raise UserError(f"--template: {other} is not allowed: {{text}} is the only field (literal braces: {{{{ and "
+                        f"}}}})")
     if not fields:
         raise UserError("--template must contain {text}")
     return template
@@ -142,7 +147,8 @@ class ClassificationTask:
                 raise UserError(f"label word {word!r} tokenizes to nothing")
             ids.append(toks[0])  # multi-token words are scored by their first token
         if len(set(ids)) != len(ids):
-            raise UserError(f"label words {self.label_words} share a first token; choose words that differ at the start")
+            raise UserError(f"label words {self.label_words} share a first token; choose words that differ at the "
+                            f"start")
         self.candidate_ids = torch.tensor(ids, dtype=torch.long)
 
     def collate(self, examples: list[ClassificationExample]) -> Batch:
@@ -152,7 +158,7 @@ class ClassificationTask:
             seqs.append(ids[-self.max_length:])  # keep the end: it holds the question being asked
         ids, mask = _pad(seqs, self.tokenizer.pad_token_id, left=True)
         labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
-        return Batch(ids, mask, _positions(mask), labels=labels)
+        return Batch(ids, mask, positions(mask), labels=labels)
 
     def logits(self, model, batch: Batch) -> torch.Tensor:
         """Candidate-label logits (batch x num_labels) in fp32, from the last position only."""
@@ -164,7 +170,9 @@ class ClassificationTask:
     def loss(self, model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch.labels)
 
-    def loss_terms(self, model, batch: Batch, groups: int = 1, expand: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(
+        self, model, batch: Batch, groups: int = 1, expand: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, example count) per row group, for a forward of ``groups`` copies of ``batch``.
 
         Sums and counts rather than means, so that micro-batches and data-parallel ranks combine
@@ -194,7 +202,7 @@ class _TokenLossTask:
         tmask = torch.zeros_like(mask, dtype=torch.bool)
         for i, t in enumerate(targets):
             tmask[i, : len(t)] = torch.tensor(t, dtype=torch.bool)
-        return Batch(ids, mask, _positions(mask), target_mask=tmask)
+        return Batch(ids, mask, positions(mask), target_mask=tmask)
 
     def token_nll(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
         """Summed next-token NLL over target tokens (fp32) and how many there were."""
@@ -213,7 +221,9 @@ class _TokenLossTask:
         total, n = self.token_nll(model, batch)
         return total / max(n, 1)
 
-    def loss_terms(self, model, batch: Batch, groups: int = 1, expand: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(
+        self, model, batch: Batch, groups: int = 1, expand: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL, target-token count) per row group; see ``ClassificationTask.loss_terms``."""
         if groups == 1 and expand:  # a plain forward: the summed NLL the unfused step always used
             total, n = self.token_nll(model, batch)
@@ -296,7 +306,8 @@ def check_prompts_differ(task: ClassificationTask, examples: list) -> None:
         with_text, without = (task.collate([e]).input_ids for e in (ex, dataclasses.replace(ex, text="")))
         if with_text.shape == without.shape and bool((with_text == without).all()):
             raise UserError(f"--template leaves no room for the text: its last --max-length {task.max_length} tokens "
-                            "hold no part of it, so every prompt is the same; shorten the template or raise --max-length")
+                            "hold no part of it, so every prompt is the same; shorten the template or raise "
+                            "--max-length")
 
 
 def build_task(cfg, tokenizer):

@@ -6,12 +6,12 @@ on transformers 5; onnxruntime-genai's model builder re-implements each architec
 covers Llama-family models but not GPT-2 or OPT, which this toolkit tunes too. Exporting the very
 forward PyTorch runs works for every architecture the tuner supports, is checked against PyTorch
 logit by logit at export time, and needs only onnxruntime + numpy to run
-(:mod:`zoact_edge.onnx_runtime`).
+(:mod:`zoact_edge.onnx.runtime`).
 
 What is exported is what was tuned: the frozen weights and the adapter path ``(x @ P) @ B^T``
-stay apart (:mod:`zoact_edge.export_layers`), so a run tuned on bitsandbytes 4-bit weights ships
+stay apart (:mod:`zoact_edge.onnx.export_layers`), so a run tuned on bitsandbytes 4-bit weights ships
 those very weights (``MatMulBnb4``), and ``--int4`` re-quantizes only the frozen weights of a
-16/32-bit run while the small update stays float (:mod:`zoact_edge.onnx_forms`). ``--merge``
+16/32-bit run while the small update stays float (:mod:`zoact_edge.onnx.forms`). ``--merge``
 folds ``B P^T`` into float weights instead, for a plain model.
 
 The graph is one decoder step for any prompt length: inputs ``input_ids``, ``attention_mask``
@@ -32,14 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import files as adapter_io, targets as tgt
-from . import forms as onnx_forms
 from .. import rundir
+from ..adapters import files as adapter_io
+from ..adapters import targets as tgt
+from ..config import ExportOptions
 from ..errors import UserError
-from .export_layers import FROZEN, INT8_REFUSAL, stand_ins, swapped
-from .loss_graph import INT4_BLOCK, require_onnxruntime
-from .runtime import META, MODEL, OnnxDecoder, folder_bytes
 from ..paths import atomic_dir
+from . import forms as onnx_forms
+from .export_layers import FROZEN, INT8_REFUSAL, stand_ins, swapped
+from .forms import INT4_BLOCK
+from .runtime import META, MODEL, OnnxDecoder, folder_bytes
+from .session import require_onnxruntime
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -142,17 +145,6 @@ def parity(model, decoder: OnnxDecoder, tokenizer, texts=PARITY_TEXTS, new_token
 
 
 # --------------------------------------------------------------------------- the tuned run
-
-
-@dataclass
-class ExportOptions:
-    int4: bool = False  # 16/32-bit runs: frozen weights as int4 MatMulNBits, the adapter path float
-    merge: bool = False  # fold B P^T into the float weights: a plain model without an adapter path
-    block_size: int = 32  # int4 block along the input dimension
-    tolerance: float = 1e-4  # parity bound, times the largest |logit|
-    eval_samples: int = 200  # validation examples for the report (0: all)
-    overwrite: bool = False
-    trust_remote_code: bool = False
 
 
 @dataclass

@@ -5,7 +5,7 @@ A tuned linear computes ``y = W x + B (P^T x)``. The exporter traces stand-in mo
 named float constants, so the graph keeps the adapter path in float next to the frozen weights.
 Each frozen weight also has a *form* (:class:`FrozenWeight`): ``float`` (kept as traced),
 ``nf4`` / ``fp4`` (the run's own bitsandbytes 4-bit data, written into a ``MatMulBnb4`` node by
-:mod:`zoact_edge.onnx_forms`) or ``int4`` (re-quantized to ``MatMulNBits`` there). For the 4-bit
+:mod:`zoact_edge.onnx.forms`) or ``int4`` (re-quantized to ``MatMulNBits`` there). For the 4-bit
 forms the traced W^T is bitsandbytes' own dequantization, so the float graph and the rewritten one
 compute the same function.
 
@@ -27,7 +27,6 @@ from torch import nn
 from ..adapters import targets as tgt
 from ..errors import UserError
 
-QUANTIZED = ("Linear4bit", "Linear8bitLt")  # bitsandbytes layers
 FROZEN = "frozen_t"  # buffer names: the exported initializers are found by them
 BASIS = "basis"
 COEFF = "coeff_t"
@@ -95,7 +94,7 @@ def frozen_weight(module: nn.Module) -> FrozenWeight:
         raise UserError(INT8_REFUSAL)
     if kind == "Linear4bit":
         return _bnb_4bit(module)
-    if kind == "Conv1D":  # GPT-2 stores W transposed already: (d_in, d_out)
+    if tgt.is_conv1d(module):  # GPT-2 stores W transposed already: (d_in, d_out)
         weight_t = module.weight.detach().float().contiguous()
     elif isinstance(module, nn.Linear):
         weight_t = module.weight.detach().float().T.contiguous()
@@ -109,7 +108,9 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach().float().clone()
 
 
-def stand_ins(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], merge: bool = False) -> tuple[dict[str, ExportLinear], dict[str, FrozenWeight]]:
+def stand_ins(
+    model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], merge: bool = False
+) -> tuple[dict[str, ExportLinear], dict[str, FrozenWeight]]:
     """An :class:`ExportLinear` for every linear in the decoder blocks (and every quantized one), and
     its frozen weight.
 
@@ -120,7 +121,7 @@ def stand_ins(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tenso
     """
     linears = {t.name: model.get_submodule(t.name) for t in tgt.find_targets(model)}
     # quantized linears outside the blocks too (e.g. OPT's project_in/out): the exporter cannot trace them
-    linears.update({n: m for n, m in model.named_modules() if type(m).__name__ in QUANTIZED})
+    linears.update({n: m for n, m in model.named_modules() if type(m).__name__ in tgt.QUANTIZED_LAYERS})
     missing = sorted(set(pairs) - set(linears))
     if missing:
         raise UserError(f"the adapter does not fit this model: no decoder linear {missing[0]}")

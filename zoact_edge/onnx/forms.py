@@ -1,6 +1,6 @@
 """The deployed form of each frozen weight in an exported decoder graph (onnx + numpy only).
 
-:mod:`zoact_edge.export` traces a float graph in which every frozen weight W^T is a named
+:mod:`zoact_edge.onnx.export` traces a float graph in which every frozen weight W^T is a named
 initializer read by exactly one ``MatMul(x, W^T)``, and the adapter path ``(x @ P) @ B^T`` has
 MatMuls of its own. This module rewrites only the frozen MatMuls:
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
+INT4_BLOCK = 32  # tune --backend ort --bits 4: MatMulNBits block size along the input dimension (symmetric int4)
 BNB4_QUANT_TYPE = {"fp4": 0, "nf4": 1}
 
 
@@ -84,8 +85,12 @@ def write_bnb4(model, weights: dict[str, dict]) -> None:
                                list(old.output), name=f"{old.name}_bnb4", domain=MS_DOMAIN, K=K, N=N,
                                block_size=block, quant_type=BNB4_QUANT_TYPE[w["form"]])
         graph.node[index[id(old)]].CopyFrom(new)
-        graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(w["packed"], np.uint8), f"{name}.{w['form']}"),
-                                  numpy_helper.from_array(np.ascontiguousarray(w["absmax"], np.float32), f"{name}.absmax")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(w["packed"], np.uint8), f"{name}.{w['form']}"),
+                numpy_helper.from_array(np.ascontiguousarray(w["absmax"], np.float32), f"{name}.absmax"),
+            ]
+        )
     _drop_initializers(graph, set(weights))
     _ensure_ms_opset(model)
 

@@ -1,6 +1,6 @@
 """Running an exported model (``zoact-edge export``) with ONNX Runtime and numpy only.
 
-The exported graph is one decoder step with an explicit KV cache (see :mod:`zoact_edge.export`);
+The exported graph is one decoder step with an explicit KV cache (see :mod:`zoact_edge.onnx.export`);
 this module owns the loop around it: left-padded prompts, greedy generation that feeds each
 step's ``present`` back as the next ``past``, and task evaluation, so that the exported model
 can be used and checked without PyTorch or transformers' generate().
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .session import make_session
 
 META = "zoact_onnx.json"
 MODEL = "model.onnx"
@@ -33,8 +34,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 class OnnxDecoder:
     def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
-        from .loss_graph import make_session
-
         folder = Path(folder)
         if not (folder / MODEL).is_file() or not (folder / META).is_file():
             raise UserError(f"{folder} is not an exported model (needs {MODEL} and {META}; see zoact-edge export)")
@@ -103,7 +102,7 @@ def generate_text(folder: str, prompt: str, max_new_tokens: int = 32) -> str:
 
 
 def evaluate_onnx(decoder: OnnxDecoder, task, examples: list, batch_size: int = 16) -> dict:
-    """The metrics of :func:`zoact_edge.evaluate.evaluate`, computed by the exported graph."""
+    """The metrics of :func:`zoact_edge.data.evaluate.evaluate`, computed by the exported graph."""
     from tqdm.auto import tqdm
 
     from ..data.tasks import ClassificationTask

@@ -1,4 +1,4 @@
-"""Will it fit? A peak-memory estimator for ZO-Act tuning, and device profiles that use it.
+"""Will it fit? A peak-memory estimator for ZO-Act tuning, and the device profiles' choice of settings.
 
 The estimate is built from parts the profiler measures separately (``zoact-edge profile``):
 
@@ -21,13 +21,21 @@ refuses, saying what would fit instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from ..adapters import targets as tgt
+from ..config import QUANTIZED_BITS
 from ..errors import UserError
+from ..memory import fmt_bytes
+from ..models import resolve_model
+from .profiles import Profile, list_profiles, load_profile
+
+log = logging.getLogger(__name__)
 
 # Calibration from `zoact-edge profile` on the default model (SmolLM2-135M, CPU, 2 cores; see
 # docs/profile-default/*/report.json; fit.calibrate derives these from them, a test checks it).
@@ -70,10 +78,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, targets: str | None = None, layers: str | None = None) -> "ModelShape":
-        import torch
         from transformers import AutoModelForCausalLM
-
-        from ..adapters import targets as tgt
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -86,8 +91,6 @@ class ModelShape:
     @classmethod
     def from_model(cls, model: str | None, targets: str | None = None, layers: str | None = None) -> "ModelShape":
         from transformers import AutoConfig
-
-        from ..models import resolve_model
 
         source = resolve_model(model)
         try:
@@ -118,13 +121,15 @@ def estimate_bytes(shape: ModelShape, s: Setting, device: str = "cpu", task: str
     basis_bytes = 4 if device == "cpu" else 2  # P in the adapter dtype; B, its gradient and Adam's moments fp32
     state = (4 * 4 * shape.sum_d_out + basis_bytes * shape.sum_d_in) * s.rank
     tokens = s.batch * s.seq
-    act = cal["act_bytes_per_token_width" if device == "cpu" else "cuda_act_bytes_per_token_width"] * tokens * shape.width
+    act = (
+        cal["act_bytes_per_token_width" if device == "cpu" else "cuda_act_bytes_per_token_width"] * tokens * shape.width
+    )
     if task in ("lm", "completion"):  # fp32 logits and their log-softmax, 1024 positions at a time
         act += 2 * 4 * min(tokens, 1024) * shape.vocab
     if device != "cpu":
         runtime = cal["cuda_runtime_bytes"]
     else:
-        runtime = cal["runtime_cpu_quantized_bytes"] if s.bits in (4, 8) else cal["runtime_cpu_bytes"]
+        runtime = cal["runtime_cpu_quantized_bytes"] if s.bits in QUANTIZED_BITS else cal["runtime_cpu_bytes"]
     return int(runtime + weights + state + act)
 
 
@@ -139,7 +144,7 @@ def calibrate(reports: list[dict], shape: ModelShape) -> dict:
         e, s = r["methods"]["zoact"], r["settings"]
         if e.get("status") != "ok" or s["device"] != "cpu":
             continue
-        quantized = s["bits"] in (4, 8)
+        quantized = s["bits"] in QUANTIZED_BITS
         runtime[quantized] = max(runtime[quantized], e["breakdown"]["runtime"])
         act = max(act, e["breakdown"]["activations_transients"] / (s["batch"] * s["seq"] * shape.width))
     if not any(runtime.values()):
@@ -165,74 +170,6 @@ def calibrate_cuda(measured: list[tuple[dict, ModelShape]]) -> dict:
         raise UserError("no CUDA zoact measurement in the reports")
     return {"cuda_runtime_bytes": runtime,
             "cuda_act_bytes_per_token_width": math.ceil(act * 100) / 100}  # rounded up: never below
-
-
-# --------------------------------------------------------------------------- device profiles
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    description: str
-    device: str  # cpu | cuda
-    memory_total_bytes: int
-    budget_bytes: int  # what one tuning process may use
-    reserve_bytes: int  # needed outside the measured peak (CUDA context); counted against the budget
-    compute_dtype: str
-    bits: tuple[int, ...]  # preferred first
-    max_batch: int
-    max_seq: int
-    max_rank: int
-    min_batch: int
-    min_seq: int
-    min_rank: int
-    path: str
-
-
-def profiles_dir() -> Path:
-    """``$ZOACT_PROFILES``, else the ``profiles/`` folder of this source tree."""
-    env = os.environ.get("ZOACT_PROFILES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets" / "profiles"
-
-
-def _parse_profile(path: Path) -> Profile:
-    from .harness import parse_bytes
-
-    try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"profile {path}: {e}") from None
-    lim = d.get("limits", {})
-    try:
-        p = Profile(
-            name=path.stem, description=d["description"], device=d["device"],
-            memory_total_bytes=parse_bytes(d["memory_total"]), budget_bytes=parse_bytes(d["budget"]),
-            reserve_bytes=parse_bytes(d.get("reserve", "0")), compute_dtype=d["compute_dtype"],
-            bits=tuple(int(b) for b in d["bits"]),
-            max_batch=int(lim.get("max_batch", 16)), max_seq=int(lim.get("max_seq", 256)),
-            max_rank=int(lim.get("max_rank", 32)), min_batch=int(lim.get("min_batch", 1)),
-            min_seq=int(lim.get("min_seq", 16)), min_rank=int(lim.get("min_rank", 1)), path=str(path))
-    except KeyError as e:
-        raise UserError(f"profile {path}: missing key {e.args[0]}") from None
-    if p.device not in ("cpu", "cuda") or not set(p.bits) <= set(BITS_BYTES) or not p.bits:
-        raise UserError(f"profile {path}: device must be cpu or cuda, bits a list from 4, 8, 16, 32")
-    return p
-
-
-def list_profiles() -> list[Profile]:
-    d = profiles_dir()
-    return [_parse_profile(f) for f in sorted(d.glob("*.toml"))] if d.is_dir() else []
-
-
-def load_profile(name: str) -> Profile:
-    """A profile by name (file stem in the profiles folder) or by path to a .toml file."""
-    if name.endswith(".toml") and Path(name).is_file():
-        return _parse_profile(Path(name))
-    for p in list_profiles():
-        if p.name == name:
-            return p
-    names = ", ".join(p.name for p in list_profiles()) or f"none found in {profiles_dir()}"
-    raise UserError(f"unknown profile {name!r}; available: {names}")
 
 
 def _halvings(top: int, bottom: int) -> list[int]:
@@ -276,8 +213,6 @@ def choose(shape: ModelShape, profile: Profile, want: Setting, task: str = "clas
     _, need = fits(shape, smallest, profile, task, calibration)
     others = [p.name for p in list_profiles() if p.name != profile.name and
               any(fits(shape, dataclasses.replace(smallest, bits=b), p, task, calibration)[0] for b in p.bits)]
-    from ..memory import fmt_bytes
-
     raise UserError(
         f"the model ({shape.params / 1e6:.0f}M parameters) does not fit profile {profile.name} "
         f"(budget {fmt_bytes(profile.budget_bytes)}): even {smallest.bits}-bit, batch {smallest.batch}, "
@@ -291,31 +226,15 @@ def apply_profile(cfg):
 
     The values in ``cfg`` are upper bounds (what the user asked for); the profile only lowers them.
     """
-    import logging
-
-    from ..memory import fmt_bytes
-
     profile = load_profile(cfg.profile)
     shape = ModelShape.from_model(cfg.model, cfg.targets, cfg.layers)
     task = "classification" if cfg.task in ("rotten-tomatoes", "tweets", "classification") else cfg.task
     s, need = choose(shape, profile, Setting(cfg.bits, cfg.batch_size, cfg.max_length, cfg.rank), task)
-    logging.getLogger(__name__).info(
+    log.info(
         "profile %s: --bits %d --batch-size %d --max-length %d --rank %d (estimated peak %s of %s)", profile.name,
         s.bits, s.batch, s.seq, s.rank, fmt_bytes(need), fmt_bytes(profile.budget_bytes))
     device = cfg.device if cfg.device != "auto" else profile.device
     return dataclasses.replace(cfg, bits=s.bits, batch_size=s.batch, max_length=s.seq, rank=s.rank, device=device)
-
-
-def describe_profiles(profiles: list[Profile]) -> str:
-    from ..memory import fmt_bytes
-
-    if not profiles:
-        return f"no profiles found in {profiles_dir()}"
-    rows = [f"{'name':24s} {'device':6s} {'budget':>10s}  {'bits':8s} {'dtype':6s} description"]
-    for p in profiles:
-        rows.append(f"{p.name:24s} {p.device:6s} {fmt_bytes(p.budget_bytes):>10s}  "
-                    f"{','.join(map(str, p.bits)):8s} {p.compute_dtype:6s} {p.description}")
-    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- a loaded model's batch
@@ -324,9 +243,11 @@ def describe_profiles(profiles: list[Profile]) -> str:
 def headroom_bytes(device) -> int | None:
     """Memory this process can still take: CUDA free memory; on Linux MemAvailable, capped by a cgroup limit."""
     if device.type == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)
+        )
     try:
         with open("/proc/meminfo") as f:
             free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
@@ -350,8 +271,6 @@ def check_batch_fits(config, found, cfg, device, rows_per_example: int = 1) -> N
     free = headroom_bytes(device)
     if free is None:
         return
-    from ..memory import fmt_bytes
-
     shape = ModelShape(0, 0, sum(t.d_in for t in found), sum(t.d_out for t in found), block_width(config),
                        config.vocab_size)
     task = cfg.task if cfg.task in ("lm", "completion") else "classification"
@@ -361,7 +280,10 @@ def check_batch_fits(config, found, cfg, device, rows_per_example: int = 1) -> N
         setting = Setting(cfg.bits, rows, cfg.max_length, cfg.rank)
         return int(estimate_bytes(shape, setting, device.type, task, loaded) * CALIBRATION["safety"])
 
-    for flag, size, per in (("--batch-size", cfg.batch_size, rows_per_example), ("--eval-batch-size", cfg.eval_batch_size, 1)):
+    for flag, size, per in (
+        ("--batch-size", cfg.batch_size, rows_per_example),
+        ("--eval-batch-size", cfg.eval_batch_size, 1),
+    ):
         if need(size * per) <= free:
             continue
         lo, hi = 0, size  # the largest size that fits, by bisection (need grows with the batch)

@@ -6,7 +6,7 @@ model loading, task, template, batches (the same ``batch_indices`` stream), eval
 differs:
 
 * ``mezo``: MeZO's two-point ZO-SGD on the full weights of the targeted linears, perturbed in
-  place with the seed trick (see :func:`zoact_edge.baselines.mezo_step`). 2 forwards per step.
+  place with the seed trick (see :func:`zoact_edge.zo.baselines.mezo_step`). 2 forwards per step.
 * ``fo-lora``: a peft LoRA adapter of the same rank on the same layers, trained by backprop with
   Adam. 1 forward + 1 backward per step, counted as 3 forwards (a backward costs about two).
 
@@ -26,34 +26,34 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
-from ..config import TuneConfig
-from ..errors import UserError
-from ..data.evaluate import evaluate
-from ..profiling.fit import check_batch_fits
-from ..memory import release_free_memory
-from ..models import load_model
-from ..paths import atomic_save_file, file_mode
-from ..profiling.harness import Meter, inference_peak, padded_to, tune_peak_summary
-from ..data.tasks import build_task
-from ..zo.estimator import derive_seed
 from ..adapters import targets as tgt
+from ..config import TuneConfig
+from ..data.evaluate import evaluate
+from ..errors import UserError
+from ..memory import release_free_memory
+from ..paths import atomic_save_file, file_mode
+from ..profiling.fit import check_batch_fits
+from ..seeds import derive_seed
+from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
+from .harness import (
+    batch_indices,
+    claim_output,
+    evaluating_now,
+    load_inputs,
+    lr_factor,
+    make_optimizer,
+    measure_yardstick,
+    run_costs,
+    run_summary,
+    set_lr,
+    write_json,
+)
 
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
 
-def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
-    from .zoact import claim_output
-
+def tune_baseline(cfg: TuneConfig) -> dict:
     t_start = time.time()
-    cfg = cfg.resolved()
-    if resume:
-        raise UserError(f"--resume: {cfg.method} runs are baselines and are not resumable (only zoact and subspace are)")
-    unsupported = [flag for flag, on in (("--backend ort", cfg.backend != "torch"), ("--accum-steps", cfg.accum_steps > 1),
-                                         ("--queries", cfg.queries > 1), ("--fused", bool(cfg.fused)), ("--profile", bool(cfg.profile)))
-                   if on]
-    if unsupported:
-        raise UserError(f"--method {cfg.method} does not take {', '.join(unsupported)} (ZO-Act options)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
     with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
@@ -63,41 +63,35 @@ def tune_baseline(cfg: TuneConfig, resume: str | None = None) -> dict:
 
 
 def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
-    from .zoact import _write_json, batch_indices, lr_factor, make_optimizer, run_costs
-
-    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
-    model, device = loaded.model, loaded.device
-    task, splits = build_task(cfg, loaded.tokenizer)
+    # ---- setup
+    inputs = load_inputs(cfg)
+    model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
     check_batch_fits(model.config, found, cfg, device)
-    eval_set = splits.validation[: cfg.eval_samples or None]
-    probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
-    yardstick = inference_peak(model, task, probe, device)
-    meter = Meter(device)
-    meter.start()
+    yardstick = measure_yardstick(cfg, inputs)
 
-    def run_eval(desc):
+    def run_eval(desc, examples=inputs.eval_set):
         model.eval()
-        metrics = evaluate(model, task, eval_set, cfg.eval_batch_size, device, desc=desc)
+        metrics = evaluate(model, task, examples, cfg.eval_batch_size, device, desc=desc)
         release_free_memory()
         return metrics
 
     if cfg.method == "mezo":
         params = mezo_params(model, names)  # refuses 4/8-bit weights with a clear message
         buffers: list[torch.Tensor] = []
-        trainable = sum(p.numel() for p in params)
     else:
         tgt.check_rank(found, cfg.rank)
         peft_model = add_lora_model(model, names, cfg.rank)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         optimizer = make_optimizer(params, cfg)
-        trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params)
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
     out = run.path
-    _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
 
+    # ---- loop
     per_step = FORWARDS_PER_STEP[cfg.method]
     t_loop = time.time()
     bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
@@ -111,21 +105,21 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
                 def loss_fn():
                     with torch.inference_mode():
                         return float(task.loss(model, batch))
-
                 res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
                                 cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
                 loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
                 record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
             else:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 loss = backprop_step(lambda: task.loss(model, batch), optimizer)
                 record.update(loss=loss, skipped=False)
             record["time"] = round(time.time() - t_start, 3)
             if loss is None or loss != loss:
-                raise UserError(f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else ""))
+                raise UserError(
+                    f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else "")
+                )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            if evaluating_now(cfg, step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
                 bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
             metrics.write(json.dumps(record) + "\n")
@@ -133,36 +127,29 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
     bar.close()
     loop_seconds = time.time() - t_loop
 
+    # ---- finish
     final = run_eval("final eval")
     test = evaluate(model, task, splits.test, cfg.eval_batch_size, device, desc="test eval") if cfg.test_eval else None
     if cfg.method == "mezo":
         tensors = {f"{n}.weight": p.detach().float().cpu().contiguous() for n, p in zip(names, params)}
         atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out / "mezo_weights.safetensors")
     else:
-        peft_model.peft_config["default"].base_model_name_or_path = loaded.folder
-        staging = out / ".adapter.partial"
-        peft_model.save_pretrained(str(staging))
-        for f in staging.iterdir():  # move complete files into place: never a half-written adapter
-            os.chmod(f, file_mode())  # safetensors writes 0600 whatever the umask
-            f.replace(out / f.name)
-        staging.rmdir()
-    summary = {
-        "method": cfg.method,
-        "zero_shot": zero_shot,
-        "tuned": final,
-        **({"test": test} if test is not None else {}),
-        "steps": cfg.steps,
-        "forwards": cfg.steps * per_step,
-        "trainable_params": trainable,
-        "adapted_layers": len(names),
-        "basis_seconds": 0.0,
-        **run_costs(loop_seconds, cfg.steps, t_start),
-        "bits": cfg.bits,
-        "device": str(device),
-        "fused": False,
-        "examples_per_step": cfg.batch_size,
-        **tune_peak_summary(meter.stop(), yardstick, probe.input_ids.shape),
-    }
-    _write_json(out / "summary.json", summary)
+        _save_lora(peft_model, inputs.loaded.folder, out)
+    summary = run_summary(
+        cfg, zero_shot, final, test, forwards_per_step=per_step, trainable_params=trainable, adapted_layers=len(names),
+        basis_seconds=0.0, costs=run_costs(loop_seconds, cfg.steps, t_start), device=device, fused=False,
+        examples_per_step=cfg.batch_size, peaks=yardstick.summary())
+    write_json(out / "summary.json", summary)
     run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary
+
+
+def _save_lora(peft_model, base_folder: str, out) -> None:
+    """peft's own adapter files, moved into place complete: never a half-written adapter."""
+    peft_model.peft_config["default"].base_model_name_or_path = base_folder
+    staging = out / ".adapter.partial"
+    peft_model.save_pretrained(str(staging))
+    for f in staging.iterdir():
+        os.chmod(f, file_mode())  # safetensors writes 0600 whatever the umask
+        f.replace(out / f.name)
+    staging.rmdir()

@@ -28,13 +28,12 @@ import time
 import torch
 
 from ..config import TuneConfig
-from ..errors import UserError
 from ..data.evaluate import evaluate
-from ..models import load_model
+from ..data.tasks import ClassificationTask
+from ..errors import UserError
 from ..paths import atomic_write
-from ..profiling.harness import Meter, inference_peak, padded_to, tune_peak_summary
-from ..data.tasks import ClassificationTask, build_task
-from ..zo.estimator import derive_seed
+from ..seeds import derive_seed
+from .harness import claim_output, load_inputs, measure_yardstick, run_costs, write_json
 
 CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stream of the run
 
@@ -68,8 +67,6 @@ def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) ->
 
 
 def tune_calibrate(cfg: TuneConfig) -> dict:
-    from .zoact import claim_output
-
     t_start = time.time()
     with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
         summary = _tune_calibrate(cfg, run, t_start)
@@ -78,19 +75,12 @@ def tune_calibrate(cfg: TuneConfig) -> dict:
 
 
 def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
-    from .zoact import _write_json, run_costs
-
     out = run.path
-    loaded = load_model(cfg.model, cfg.bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
-    model, device = loaded.model, loaded.device
-    task, splits = build_task(cfg, loaded.tokenizer)
+    inputs = load_inputs(cfg)
+    model, device, task, splits, eval_set = inputs.model, inputs.device, inputs.task, inputs.splits, inputs.eval_set
     if not isinstance(task, ClassificationTask):
         raise UserError(f"--method calibrate is for classification tasks, not --task {cfg.task}")
-    eval_set = splits.validation[: cfg.eval_samples or None]
-    probe = padded_to(task, task.collate(splits.train[: cfg.batch_size]).to(device), cfg.max_length)
-    yardstick = inference_peak(model, task, probe, device)
-    meter = Meter(device)
-    meter.start()
+    yardstick = measure_yardstick(cfg, inputs)
 
     def run_eval(desc, examples=eval_set, bias=None):
         return evaluate(model, task, examples, cfg.eval_batch_size, device, desc=desc, logit_bias=bias)
@@ -108,11 +98,19 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
     tuned = run_eval("calibrated eval", bias=bias)
     uniform_metrics = run_eval("uniform-prior eval", bias=uniform)
     test = run_eval("test eval", splits.test, bias) if cfg.test_eval else None
-    _write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": loaded.folder})
+    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
     with atomic_write(out / "metrics.jsonl"):  # no steps: an empty log
         pass
-    _write_json(out / "calibration.json", {"label_words": task.label_words, "logit_bias": bias.tolist(),
-                                           "uniform_logit_bias": uniform.tolist(), "examples": n, "example_indices": idx})
+    write_json(
+        out / "calibration.json",
+        {
+            "label_words": task.label_words,
+            "logit_bias": bias.tolist(),
+            "uniform_logit_bias": uniform.tolist(),
+            "examples": n,
+            "example_indices": idx,
+        },
+    )
     batches = math.ceil(n / cfg.batch_size)
     summary = {
         "method": "calibrate",
@@ -123,8 +121,8 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
         "forwards": batches,  # batch-sized forwards spent estimating the prior (no training steps)
         "steps": batches, "calibration_examples": n, "bits": cfg.bits, "device": str(device),
         **run_costs(loop_seconds, batches, t_start),
-        **tune_peak_summary(meter.stop(), yardstick, probe.input_ids.shape),
+        **yardstick.summary(),
     }
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary

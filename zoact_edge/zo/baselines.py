@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..adapters.layer import noise_like
-from .estimator import derive_seed
+from ..adapters.targets import is_quantized
+from ..errors import UserError
+from ..seeds import derive_seed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -42,7 +43,7 @@ def mezo_params(model: nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
     params = []
     for name in names:
         w = model.get_submodule(name).weight
-        if w.dtype not in FLOAT_DTYPES or type(w).__name__ in ("Params4bit", "Int8Params"):
+        if w.dtype not in FLOAT_DTYPES or is_quantized(w):
             raise UserError(f"MeZO needs 16/32-bit weights; {name} is quantized ({type(w).__name__}, {w.dtype})")
         params.append(w)
     return params

@@ -77,7 +77,7 @@ def shutdown(ranks: Ranks) -> None:
 
 
 def loss_reducer(ranks: Ranks, device: torch.device):
-    """The ``all_reduce`` for :func:`zoact_edge.zo.estimate_batches`: a sum over ranks, or None."""
+    """The ``all_reduce`` for :func:`zoact_edge.zo.estimator.estimate_batches`: a sum over ranks, or None."""
     if not ranks.active:
         return None
     import torch.distributed as dist

@@ -28,12 +28,7 @@ import numpy as np
 import torch
 
 from ..adapters.layer import ZOActLinear
-
-
-def derive_seed(*parts: int) -> int:
-    """A 62-bit seed from integers (run seed, step, query, layer): stateless, so resume is exact."""
-    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(a) << 30) ^ int(b)
+from ..seeds import derive_seed
 
 
 def layer_seed(query_seed: int, index: int) -> int:
@@ -87,7 +82,7 @@ def estimate(
 def write_gradients(layers: Sequence[ZOActLinear], result: ZOResult, step_seed: int) -> None:
     """Set ``B.grad = mean_q projected_q * Z_q`` for every layer, regenerating Z from the seeds.
 
-    Z is each layer's :meth:`~zoact_edge.layer.ZOActLinear.direction`, the very draw (with any
+    Z is each layer's :meth:`~zoact_edge.adapters.layer.ZOActLinear.direction`, the very draw (with any
     column scaling) its forward added, so with a scaling D the step follows D^2 times the gradient.
     """
     queries = len(result.projected)
@@ -99,7 +94,9 @@ def write_gradients(layers: Sequence[ZOActLinear], result: ZOResult, step_seed: 
         layer.B.grad = grad
 
 
-def apply_update(layers: Sequence[ZOActLinear], result: ZOResult, optimizer: torch.optim.Optimizer, step_seed: int) -> None:
+def apply_update(
+    layers: Sequence[ZOActLinear], result: ZOResult, optimizer: torch.optim.Optimizer, step_seed: int
+) -> None:
     """Regenerate g from the seed and let the optimizer step; a non-finite result skips the step."""
     if result.finite:
         write_gradients(layers, result, step_seed)

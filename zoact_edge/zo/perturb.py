@@ -1,7 +1,7 @@
 """Perturbation scaling (``--perturb``): the distribution each adapter's direction Z is drawn from.
 
 Every layer draws Z ~ N(0, I) of B's shape (d_out x r) from its seed; a scaling multiplies
-column j of Z by ``D_j`` (see :meth:`zoact_edge.layer.ZOActLinear.direction`). The forward adds
+column j of Z by ``D_j`` (see :meth:`zoact_edge.adapters.layer.ZOActLinear.direction`). The forward adds
 ``eps * Z D`` and the update regenerates the same ``Z D``, so the estimate is
 ``g = projected * Z D`` with E[g] = D^2 * dL/dB column-wise: SGD then steps along D^2 times the
 gradient. Adam divides each coordinate by its own RMS (which also scales with D_j), so under Adam
@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from ..errors import UserError
 from ..adapters.layer import ZOActLinear
+from ..errors import UserError
 
 KINDS = ("plain", "rank", "layer-norm", "whiten")
 ENERGY_FLOOR = 1e-12  # relative to the top column: a dead column gets a large but finite scale

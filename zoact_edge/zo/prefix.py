@@ -24,9 +24,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..adapters.targets import BLOCK_INDEX, parse_layers
+from ..adapters.targets import BLOCK_INDEX
 from ..data.tasks import Batch, hidden_states
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def expand_rows_at(blocks: list[nn.Module], rows: int, groups: int):
 
 
 def make_loss_terms(model: nn.Module, task, blocks: list[nn.Module] | None = None, cache: "PrefixCache | None" = None):
-    """``loss_terms(batch, groups)`` for :func:`zoact_edge.zo.estimate_batches`, under inference mode.
+    """``loss_terms(batch, groups)`` for :func:`zoact_edge.zo.estimator.estimate_batches`, under inference mode.
 
     With ``blocks`` (see :func:`adapted_blocks`), a fused forward shares the frozen prefix below
     ``blocks[0]``; without, it runs the repeated batch through the whole model. With ``cache``,
@@ -114,21 +114,6 @@ def make_loss_terms(model: nn.Module, task, blocks: list[nn.Module] | None = Non
 # gpt2 and opt are also covered by tests). Others are refused rather than silently miscomputed:
 # some share keys/values or residuals across blocks, which skipping the lower blocks would break.
 CACHEABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt")
-
-
-def check_cache_config(cfg) -> None:
-    """Refuse ``--cache-prefix`` settings that cannot work, before any model is loaded."""
-    if cfg.cache_prefix_mb < 0:
-        raise UserError("--cache-prefix-mb must be >= 0")
-    if not cfg.cache_prefix:
-        return
-    if cfg.backend != "torch":
-        raise UserError(f"--cache-prefix needs --backend torch (not {cfg.backend})")
-    if getattr(cfg, "method", "zoact") not in ("zoact", "subspace"):
-        raise UserError(f"--cache-prefix is for --method zoact or subspace (not {cfg.method})")
-    span = parse_layers(cfg.layers)
-    if span is None or span[0] == 0:
-        raise UserError("--cache-prefix needs --layers k-L with k >= 1: the frozen blocks below k are what it caches")
 
 
 class _PrefixDone(Exception):
@@ -177,7 +162,8 @@ class PrefixCache:
                             "run without it")
         stack, first = block_stack(model, adapter_names)
         if not stack or first == 0:
-            raise UserError("--cache-prefix needs adapters in blocks k..L with k >= 1 of one block stack (see --layers)")
+            raise UserError("--cache-prefix needs adapters in blocks k..L with k >= 1 of one block stack (see "
+                            "--layers)")
         self.model, self.prefix, self.blocks = model, stack[:first], stack[first:]
         self.max_bytes, self.bytes = int(max_bytes), 0
         self.entries: dict[int, torch.Tensor] = {}
@@ -196,7 +182,8 @@ class PrefixCache:
         def replace(module, args, kwargs):
             incoming = _hidden_arg(args, kwargs)
             if not isinstance(incoming, torch.Tensor) or incoming.shape != hidden.shape:
-                raise UserError(f"--cache-prefix: {type(self.model).__name__} does not pass its blocks one hidden-state "
+                raise UserError(f"--cache-prefix: {type(self.model).__name__} does not pass its blocks one "
+                                f"hidden-state "
                                 "tensor per row; run without --cache-prefix")
             return _with_hidden(args, kwargs, hidden.to(incoming.device))
 
