@@ -28,7 +28,6 @@ class Meter:
         self.device = device
 
     def start(self) -> None:
-
         release_free_memory()
         self.resident = current_rss_bytes()
         self.hwm_reset = reset_peak_rss()
@@ -43,7 +42,6 @@ class Meter:
 
     def _peaks(self) -> dict:
         """Peaks since the last reset: RSS, and on CUDA the allocator's."""
-
         peaks = {"rss_peak_bytes": phase_peak_rss_bytes()}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -57,7 +55,6 @@ class Meter:
         This tells which part of a method sets its peak (ZO-Act: the basis passes or the steps).
         :meth:`stop` still reports the whole method's peak, the largest over all sub-phases.
         """
-
         self.splits[name] = self._peaks()
         self.hwm_reset = reset_peak_rss() and self.hwm_reset
         if self.device.type == "cuda":
@@ -65,7 +62,6 @@ class Meter:
 
     def stop(self, last: str | None = None) -> dict:
         """The method's figures; with sub-phases (:meth:`split`), ``last`` names the final one."""
-
         final = self._peaks()
         segments = [*self.splits.values(), final]
         peak = {k: max(seg[k] for seg in segments) for k in final}
@@ -88,7 +84,6 @@ class Meter:
 
 def padded_to(task, batch, length: int):
     """``batch`` padded to ``length`` tokens (the task's padding side): the longest batch tune can see."""
-
     extra = length - batch.input_ids.shape[1]
     if extra <= 0:
         return batch
@@ -140,7 +135,6 @@ def tune_peak_summary(tuning: dict, inference: dict, shape) -> dict:
 
 
 def describe_tune_peak(summary: dict) -> str | None:
-
     if not summary.get("peak_ratio_to_inference"):
         return None
     b, l = summary["inference_probe_shape"]

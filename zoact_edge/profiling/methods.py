@@ -38,7 +38,6 @@ def make_inputs(spec: ProfileSpec, tokenizer):
     (classification keeps the end, where the prompt asks for the label), so every method sees the
     same shapes and the same text.
     """
-
     train = load_rotten_tomatoes().train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed)).tolist()
     pos, examples = 0, []
@@ -110,7 +109,6 @@ def _loss_fn(task, model, batch):
 
 def _run_method(spec: ProfileSpec, method: str) -> dict:
     """Load, warm up, reset the peak, run ``method``; return measurements and tensor sizes."""
-
     torch.manual_seed(spec.seed)
     t0 = time.time()
     loaded = load_model(spec.model, spec.bits, spec.quant_type, spec.device)
@@ -178,7 +176,6 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
     The meter is split after the basis passes, so the report tells whether they or the steps
     (adapters, optimizer state, perturbed forwards) set the peak.
     """
-
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     adapters = build_adapters(model, [batch], spec.rank, found=found, seed=spec.seed, dtype=dtype, device=device)
     release_free_memory()  # as tune does between the basis passes and the steps
@@ -198,7 +195,6 @@ def _zoact(spec, model, task, batch, found, device, sizes, meter) -> dict:
 
 def child_main(argv: list[str]) -> int:
     """``python -m zoact_edge.profiling.methods SPEC_JSON METHOD OUT_JSON``: one method, one process."""
-
     spec_json, method, out_path = argv
     logging_quiet()
     result = _run_method(ProfileSpec(**json.loads(spec_json)), method)

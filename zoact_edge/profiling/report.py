@@ -16,7 +16,6 @@ def _mib(n) -> str:
 
 
 def report_markdown(report: dict) -> str:
-
     s = report["settings"]
     lines = [f"# Memory profile: {s['model'] or 'default model'}, {s['bits']}-bit, batch {s['batch']} x seq "
              f"{s['seq']}, "
@@ -91,7 +90,6 @@ def report_png(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out: Path) -> None:
-
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "report.json") as f:
         json.dump(report, f, indent=2)
@@ -101,7 +99,6 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def describe(report: dict) -> str:
-
     rows = []
     for name, e in report["methods"].items():
         if e.get("status") != "ok":
