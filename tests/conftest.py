@@ -113,7 +113,7 @@ ORT_FAST = ["--steps", "5", "--batch-size", "4", "--calib-samples", "8", "--rank
 @pytest.fixture(scope="session")
 def ort_runs(model_dirs, tmp_path_factory):
     """``tune`` with each backend, same options and seed (exports the loss graph once)."""
-    from zoact_edge.cli.main import main
+    from zoact_edge.cli import main
 
     runs = {}
     with pytest.MonkeyPatch.context() as mp:  # the session's temp cache (conftest's is per test)

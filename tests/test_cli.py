@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.data.tasks import ClassificationTask
 
 FAST = ["--steps", "6", "--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16",

@@ -254,7 +254,7 @@ def test_peft_reload_on_device_reproduces_logits(tokenizer, tmp_path, record_pro
 
 @pytest.mark.parametrize("bits", ["32", "4"])
 def test_tune_cli_on_device(model_dirs, tmp_path, bits, record_property):
-    from zoact_edge.cli.main import main
+    from zoact_edge.cli import main
 
     out = tmp_path / f"run-{bits}"
     args = ["tune", "--model", str(model_dirs["llama"]), "--output", str(out), "--device", DEVICE.type, "--bits", bits,

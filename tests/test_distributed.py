@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.zo.distributed import Ranks, init_from_env, payload_bytes
 
 COMMON = ["--device", "cpu", "--steps", "3", "--calib-samples", "8", "--rank", "4", "--eval-samples", "8",

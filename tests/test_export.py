@@ -22,7 +22,7 @@ from helpers import add_adapters, randomize_coefficients, rt_task  # noqa: E402
 
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.files import save_peft  # noqa: E402
-from zoact_edge.cli.main import main  # noqa: E402
+from zoact_edge.cli import main  # noqa: E402
 from zoact_edge.errors import UserError  # noqa: E402
 from zoact_edge.onnx import export as export_mod  # noqa: E402
 from zoact_edge.onnx import forms as onnx_forms

@@ -5,7 +5,7 @@ import torch
 from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 
-from zoact_edge.cli.main import build_parser
+from zoact_edge.cli.app import build_parser
 from zoact_edge.config import TuneConfig, build_config
 from zoact_edge.data.datasets import TextExample
 from zoact_edge.data.tasks import LMTask

@@ -13,7 +13,7 @@ from zoact_edge.adapters.build import inject_adapters
 from zoact_edge.adapters.files import save_peft
 from zoact_edge.adapters.layer import noise_like
 from zoact_edge.adapters.subspace import fold_and_resample, input_groups, random_bases, random_basis
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.data.tasks import ClassificationTask, hidden_states
 from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed

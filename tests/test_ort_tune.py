@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from conftest import ORT_FAST  # noqa: E402
 
-from zoact_edge.cli.main import main  # noqa: E402
+from zoact_edge.cli import main  # noqa: E402
 from zoact_edge.onnx import session  # noqa: E402
 
 TOL = 1e-4  # fp32 loss parity required by the issue

@@ -15,7 +15,7 @@ from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.adapters.build import inject_adapters
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.data.tasks import scored_mask
 from zoact_edge.recipes.calibrate import fitted_bias, label_logits, uniform_bias
 from zoact_edge.zo import perturb

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 
 PINNED = Path(__file__).with_name("pinned_recipes.json")
 FAST = ["--steps", "5", "--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16",

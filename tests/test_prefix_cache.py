@@ -8,7 +8,7 @@ from conftest import make_model
 from helpers import add_adapters, randomize_coefficients, rt_examples, rt_task
 from safetensors.torch import load_file
 
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.config import TuneConfig, build_config
 from zoact_edge.data.datasets import TextExample
 from zoact_edge.data.tasks import LMTask

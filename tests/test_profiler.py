@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 from zoact_edge.config import ProfileSpec
 from zoact_edge.errors import UserError
 from zoact_edge.profiling.harness import parse_methods, profile, summarize

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from zoact_edge import rundir
 from zoact_edge.adapters import files as adapter_io
-from zoact_edge.cli.main import main
+from zoact_edge.cli import main
 
 FAST = ["--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "8", "--eval-batch-size", "8",
         "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2"]

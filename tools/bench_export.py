@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from zoact_edge.adapters import targets as tgt
-from zoact_edge.cli.main import main as cli  # noqa: E402
+from zoact_edge.cli import main as cli  # noqa: E402
 from zoact_edge.onnx import forms as onnx_forms  # noqa: E402
 from zoact_edge.onnx.export import ExportOptions, export, load_run  # noqa: E402
 from zoact_edge.onnx.runtime import OnnxDecoder  # noqa: E402

@@ -84,7 +84,7 @@ def step_times(args) -> dict:
 def export_accuracy(args) -> dict:
     """One ``export --int4`` (it checks fp32 parity, then evaluates the fp32 and int4 ONNX
     models on the validation split) and the PyTorch adapter on the same examples."""
-    from zoact_edge.cli.main import main
+    from zoact_edge.cli import main
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

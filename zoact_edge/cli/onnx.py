@@ -1,7 +1,6 @@
-"""CLI commands for exported ONNX models: ``export``, ``generate`` and ``eval --onnx``.
-
-Kept apart from ``cli.py`` so the ONNX commands (and their optional dependencies) stay in one
-place; ``cli.py`` only registers them.
+"""``zoact-edge export`` (its options generated from :class:`~zoact_edge.config.ExportOptions`), ``generate``
+and ``eval --onnx``: the commands for exported ONNX models. Their optional dependencies (onnx, onnxruntime)
+are imported only when one of them runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Memory profiler: peak memory of inference, ZO-Act, MeZO and backprop tuning, side by side.
+"""``zoact-edge profile``: peak memory of inference, ZO-Act, MeZO and backprop tuning, side by side.
 
 Why subprocesses: a process never gives all freed memory back (allocator arenas, caches, a
 model loaded by an earlier method), so measuring several methods in one process would let the
