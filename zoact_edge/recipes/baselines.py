@@ -35,19 +35,7 @@ from ..paths import atomic_save_file, file_mode
 from ..profiling.fit import check_batch_fits
 from ..seeds import derive_seed
 from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
-from .harness import (
-    batch_indices,
-    claim_output,
-    evaluating_now,
-    load_inputs,
-    lr_factor,
-    make_optimizer,
-    measure_yardstick,
-    run_costs,
-    run_summary,
-    set_lr,
-    write_json,
-)
+from . import harness
 
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
@@ -56,7 +44,7 @@ def tune_baseline(cfg: TuneConfig) -> dict:
     t_start = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
-    with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
+    with harness.claim_output(cfg) as run:  # owned and locked; removed again if the run fails
         summary = _tune_baseline(cfg, run, t_start)
     summary["output"] = str(run.final)
     return summary
@@ -64,12 +52,12 @@ def tune_baseline(cfg: TuneConfig) -> dict:
 
 def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
     # ---- setup
-    inputs = load_inputs(cfg)
+    inputs = harness.load_inputs(cfg)
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
     check_batch_fits(model.config, found, cfg, device)
-    yardstick = measure_yardstick(cfg, inputs)
+    yardstick = harness.measure_yardstick(cfg, inputs)
 
     def run_eval(desc, examples=inputs.eval_set):
         model.eval()
@@ -84,12 +72,12 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
         tgt.check_rank(found, cfg.rank)
         peft_model = add_lora_model(model, names, cfg.rank)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
-        optimizer = make_optimizer(params, cfg)
+        optimizer = harness.make_optimizer(params, cfg)
     trainable = sum(p.numel() for p in params)
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
     out = run.path
-    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
+    harness.write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
 
     # ---- loop
     per_step = FORWARDS_PER_STEP[cfg.method]
@@ -97,9 +85,9 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
     bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
     with open(out / "metrics.jsonl", "a") as metrics:
         for step in bar:
-            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
+            idx = harness.batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
             batch = task.collate([splits.train[i] for i in idx]).to(device)
-            lr = cfg.lr * lr_factor(step, cfg)
+            lr = cfg.lr * harness.lr_factor(step, cfg)
             record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
             if cfg.method == "mezo":
                 def loss_fn():
@@ -110,7 +98,7 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
                 loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
                 record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
             else:
-                set_lr(optimizer, lr)
+                harness.set_lr(optimizer, lr)
                 loss = backprop_step(lambda: task.loss(model, batch), optimizer)
                 record.update(loss=loss, skipped=False)
             record["time"] = round(time.time() - t_start, 3)
@@ -119,7 +107,7 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
                     f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else "")
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-            if evaluating_now(cfg, step + 1):
+            if harness.evaluating_now(cfg, step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
                 bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
             metrics.write(json.dumps(record) + "\n")
@@ -135,11 +123,11 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
         atomic_save_file(lambda p: save_file(tensors, p, metadata={"format": "pt"}), out / "mezo_weights.safetensors")
     else:
         _save_lora(peft_model, inputs.loaded.folder, out)
-    summary = run_summary(
+    summary = harness.run_summary(
         cfg, zero_shot, final, test, forwards_per_step=per_step, trainable_params=trainable, adapted_layers=len(names),
-        basis_seconds=0.0, costs=run_costs(loop_seconds, cfg.steps, t_start), device=device, fused=False,
+        basis_seconds=0.0, costs=harness.run_costs(loop_seconds, cfg.steps, t_start), device=device, fused=False,
         examples_per_step=cfg.batch_size, peaks=yardstick.summary())
-    write_json(out / "summary.json", summary)
+    harness.write_json(out / "summary.json", summary)
     run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary
 
