@@ -27,7 +27,7 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--out", help="folder for report.json, report.md and report.png")
     sub.add_parser("profiles", help="list the device profiles (memory budget, device, bits, limits)",
                    description="Device profiles for `tune --profile NAME` and `profile --profile NAME`: TOML files "
-                               "in the profiles/ folder (or $ZOACT_PROFILES).")
+                               "installed with the package in zoact_edge/assets/profiles/ (or in $ZOACT_PROFILES).")
 
 
 def cmd_profiles(args: dict) -> int:

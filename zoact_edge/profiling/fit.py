@@ -12,10 +12,10 @@ The estimate is built from parts the profiler measures separately (``zoact-edge 
 * runtime (interpreter, torch, allocator) and the activation coefficient are *calibrated* on the
   profiler's measurements of the default model (``docs/profile-default/``), see ``CALIBRATION``.
 
-A device profile (``profiles/*.toml``) holds a memory budget, the device kind, preferred compute
-dtype and bits, and limits on batch, sequence length and rank. :func:`choose` walks the settings
-from the most to the least preferred and returns the first whose estimate fits the budget, or
-refuses, saying what would fit instead.
+A device profile (:mod:`zoact_edge.profiling.profiles`) holds a memory budget, the device kind,
+preferred compute dtype and bits, and limits on batch, sequence length and rank. :func:`choose`
+walks the settings from the most to the least preferred and returns the first whose estimate fits
+the budget, or refuses, saying what would fit instead.
 """
 
 from __future__ import annotations
