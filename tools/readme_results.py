@@ -1,13 +1,16 @@
-"""Regenerate the README "Results" tables from the committed JSON results.
+"""Regenerate the result tables of docs/results.md (and two short blocks of README.md) from the committed JSON.
 
 Usage: python tools/readme_results.py            # rewrites the blocks between the markers
 
 * ``docs/results/default-*.json``: each a ``summary.json`` written by ``zoact-edge tune`` (plus the
-  command that produced it);
-* ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``;
-* ``docs/results/sweep.json``: its learning-rate sweep (validation split only).
+  command that produced it): the default-run table of docs/results.md and the Quick start output
+  of README.md;
+* ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``, and
+  README.md's one line on where ZO-Act stands;
+* ``docs/results/sweep.json``: its learning-rate sweep (validation split only);
+* ``docs/results/ablations.json``: the runs of ``tools/ablate.py``.
 
-So the README never carries a number typed by hand.
+So neither page carries a result typed by hand. A second run changes nothing.
 """
 
 from __future__ import annotations
@@ -16,28 +19,40 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 
+RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
 SBEGIN, SEND = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+ABEGIN, AEND = "<!-- ablations:begin -->", "<!-- ablations:end -->"
+QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
+PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
+# How a method is named in the tables (every other method by its --method value).
+LABELS = {"calibrate": "calibrate (prior only)"}
+REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
 
 
 def _mib(n):
     return f"{n / 2**20:,.0f} MiB" if n else "n/a"
 
 
+def _defaults() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("default-*.json"))]
+
+
 def table() -> str:
     rows = [
-        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS | code, notes |",
+        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS "
+        "| code, notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for path in sorted((ROOT / "docs" / "results").glob("default-*.json")):
-        s = json.loads(path.read_text())
+    for s in _defaults():
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
         rows.append(
             f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
@@ -47,12 +62,61 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def _ms(values) -> str:
+def _fmt_bytes(n: int) -> str:
+    """As ``zoact_edge.memory.fmt_bytes`` prints it (copied: this tool imports no torch)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def quickstart() -> str:
+    """What ``zoact-edge tune`` prints at the end (``train.describe``), for the committed fp32 default run,
+    then one line per other default run."""
+    runs = {s["bits"]: s for s in _defaults()}
+    s = runs[32]
+    z, t = s["zero_shot"], s["tuned"]
+    out = ["```text",
+           "output: runs/rotten-tomatoes-<date>-<time>",
+           f"validation accuracy: zero-shot {z['accuracy']:.4f} -> tuned {t['accuracy']:.4f} "
+           f"({100 * (t['accuracy'] - z['accuracy']):+.1f} points, {t['examples']} examples)",
+           f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}",
+           f"steps: {s['steps']}  ({s['seconds_per_step']:.2f} s/step)  "
+           f"wall time this run: {s['wall_seconds_this_run']:.0f} s",
+           f"peak memory: RSS {_fmt_bytes(s['peak_rss_bytes'])}",
+           "```", ""]
+    for bits, o in sorted(runs.items()):
+        if bits == 32:
+            continue
+        out.append(f"`{o['command']}` on the same machine: {o['zero_shot']['accuracy']:.3f} -> "
+                   f"{o['tuned']['accuracy']:.3f} in {o['wall_seconds_this_run'] / 60:.1f} min, "
+                   f"peak RSS {_mib(o['peak_rss_bytes'])}\n(the fp32 run above: "
+                   f"{s['wall_seconds_this_run'] / 60:.1f} min, {_mib(s['peak_rss_bytes'])}).")
+    return "\n".join(out)
+
+
+def _stats(values) -> tuple[float, float] | None:
     values = [v for v in values if v is not None]
     if not values:
-        return "n/a"
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+        return None
+    return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def _ms(values) -> str:
+    st = _stats(values)
+    return "n/a" if st is None else f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
+
+
+def _inside(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """The two mean ± sd ranges overlap: a difference this size is inside the seed-to-seed spread."""
+    return abs(a[0] - b[0]) <= a[1] + b[1] + 1e-12
+
+
+def _methods(recs: list[dict]) -> list[str]:
+    """Every method in the records: the benchmark's own order first, then any other (e.g. calibrate)."""
+    present = {r["method"] for r in recs}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
 
 
 def forwards_to_reach(records: list[dict], target: float) -> int | None:
@@ -65,13 +129,14 @@ def forwards_to_reach(records: list[dict], target: float) -> int | None:
 
 def convergence_table(data: dict) -> str:
     rows = ["| task | method | seeds | forwards | test acc. (%) | val acc. (%) | forwards to MeZO's final val acc. "
-            "| wall time / run | s/step | settings |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            f"| wall time / run | s/step | settings | test vs {REFERENCE} (points) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     recs = data.get("records", [])
     for task in sorted({r["task"] for r in recs}):
         mezo = [r for r in recs if r["task"] == task and r["method"] == "mezo"]
         target = statistics.mean(r["val_accuracy"] for r in mezo) if mezo else None
-        for method in METHODS:
+        ref = _stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == REFERENCE)
+        for method in _methods(recs):
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
@@ -81,17 +146,62 @@ def convergence_table(data: dict) -> str:
             reach = forwards_to_reach(rs, target) if target is not None else None
             reach_txt = "n/a" if target is None else (f"{reach}" if reach is not None else f"> {rs[0]['forwards']}")
             settings = _label(rs[0]["settings"])
+            mine = _stats(r["test_accuracy"] for r in rs)
+            if method == REFERENCE or mine is None or ref is None:
+                delta = "—"
+            else:
+                delta = f"{100 * (mine[0] - ref[0]):+.1f}" + (" (inside the spread)" if _inside(mine, ref) else "")
             rows.append(
-                f"| {task} | {method} | {len(rs)} | {rs[0]['forwards']} | {_ms([r['test_accuracy'] for r in rs])} "
+                f"| {task} | {LABELS.get(method, method)} | {len(rs)} | {rs[0]['forwards']} "
+                f"| {_ms([r['test_accuracy'] for r in rs])} "
                 f"| {_ms([r['val_accuracy'] for r in rs])} | {reach_txt} "
                 f"| {statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} min "
-                f"| {statistics.mean(r['seconds_per_step'] for r in rs):.2f} | {settings} |"
+                f"| {statistics.mean(r['seconds_per_step'] for r in rs):.2f} | {settings} | {delta} |"
             )
     return "\n".join(rows)
 
 
+def standing(data: dict) -> str:
+    """README's one line: ZO-Act's test accuracy against MeZO and backprop LoRA, per task, and a verdict
+    that follows from the numbers (a difference inside the mean ± sd spread is not a win)."""
+    recs = data.get("records", [])
+    parts, beats, lora_gap = [], [], []
+    for task in sorted({r["task"] for r in recs}):
+        st = {m: _stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == m)
+              for m in (REFERENCE, "mezo", "fo-lora", "calibrate")}
+        z, mz, fo, cal = st[REFERENCE], st["mezo"], st["fo-lora"], st["calibrate"]
+        if z is None or mz is None:
+            continue
+        text = f"{task}: ZO-Act {100 * z[0]:.1f} ± {100 * z[1]:.1f}%, MeZO {100 * mz[0]:.1f} ± {100 * mz[1]:.1f}%"
+        if _inside(z, mz):
+            text += " (inside the spread)"
+        beats.append(z[0] > mz[0] and not _inside(z, mz))
+        if fo is not None:
+            text += f", backprop LoRA {100 * fo[0]:.1f} ± {100 * fo[1]:.1f}%"
+            lora_gap.append(100 * (fo[0] - z[0]))
+        if cal is not None:
+            text += f", prior-only calibrate {100 * cal[0]:.1f} ± {100 * cal[1]:.1f}%"
+        parts.append(text)
+    if not parts:
+        return "No method comparison is committed yet ([docs/results.md](docs/results.md))."
+    budget = "/".join(str(f) for f in sorted({r["forwards"] for r in recs if r["method"] == REFERENCE}))
+    seeds = sorted({len({(r["seed"]) for r in recs if r["task"] == t and r["method"] == REFERENCE})
+                    for t in {r["task"] for r in recs}})
+    verdict = "beats MeZO" if all(beats) else ("beats MeZO on some tasks only" if any(beats) else "does not beat MeZO")
+    line = (f"**Where it stands, honestly:** at an equal budget of {budget} forward passes, ZO-Act {verdict} "
+            f"(test accuracy, mean ± sd over {'/'.join(map(str, seeds))} seeds): " + "; ".join(parts) + ".")
+    if lora_gap:
+        line += f" Backprop LoRA is ahead by {' and '.join(f'{g:.1f}' for g in lora_gap)} points."
+    line += " Details: [docs/results.md](docs/results.md)."
+    return "\n".join(textwrap.wrap(line, 110, break_on_hyphens=False))
+
+
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def _label(settings: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in settings.items())
+    return ", ".join(f"{k} {_value(v)}" for k, v in settings.items())
 
 
 def sweep_table(data: dict) -> str:
@@ -111,9 +221,13 @@ def sweep_table(data: dict) -> str:
         return f"**{text}**" if best.get(f"{r['task']}/{r['method']}") == r["settings"] else text
 
     for task in sorted({r["task"] for r in recs}):
-        for method in METHODS:
+        for method in _methods(recs):
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
+                continue
+            if any("lr" not in r["settings"] for r in rs):  # no learning rate (calibrate): one cell per run
+                cells = "; ".join(cell(r, _label(r["settings"]) or "default") for r in rs)
+                rows.append(f"| {task} | {LABELS.get(method, method)} | {rs[0]['forwards']} | {cells} | — |")
                 continue
             lr_stage = sorted((r for r in rs if r["settings"].get("eps", LR_STAGE_EPS) == LR_STAGE_EPS),
                               key=lambda r: r["settings"]["lr"])
@@ -122,25 +236,54 @@ def sweep_table(data: dict) -> str:
                                key=lambda r: (r["settings"]["lr"], r["settings"]["eps"]))
             lr_cells = "; ".join(cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage)
             eps_cells = "; ".join(cell(r, _label(r["settings"])) for r in eps_stage)
-            rows.append(f"| {task} | {method} | {rs[0]['forwards']} | {lr_cells} | {eps_cells or '—'} |")
+            rows.append(f"| {task} | {LABELS.get(method, method)} | {rs[0]['forwards']} | {lr_cells} "
+                        f"| {eps_cells or '—'} |")
     return "\n".join(rows)
 
 
-def _replace(text: str, begin: str, end: str, body: str) -> str:
+def ablation_table(data: dict) -> str:
+    """One row per run of ``tools/ablate.py``, in the order they ran."""
+    rows = ["| task | run | seed | method, settings | val acc. at forwards | final val loss |",
+            "|---|---|---|---|---|---|"]
+    for r in data.get("records", []):
+        points = [(f, a) for f, a in r["curve"] if f > 0]
+        accs = " / ".join(f"{a:.3f}" for _, a in points)
+        at = " / ".join(str(f) for f, _ in points)
+        rows.append(f"| {r['task']} | {r.get('name', '')} | {r['seed']} | {r['method']}: {_label(r['settings'])} "
+                    f"| {accs} (at {at}) | {r['val_loss']:.3f} |")
+    return "\n".join(rows)
+
+
+def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{where} lacks the markers {begin} ... {end}")
     block = f"{begin}\n{body}\n{end}"
     return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
 
 
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = _replace(readme.read_text(), BEGIN, END, table())
-    conv = ROOT / "docs" / "results" / "convergence.json"
-    if conv.exists() and CBEGIN in text:
-        text = _replace(text, CBEGIN, CEND, convergence_table(json.loads(conv.read_text())))
-    sweep = ROOT / "docs" / "results" / "sweep.json"
-    if sweep.exists() and SBEGIN in text:
-        text = _replace(text, SBEGIN, SEND, sweep_table(json.loads(sweep.read_text())))
-    readme.write_text(text)
+    conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
+    blocks = {
+        ROOT / "docs" / "results.md": [(BEGIN, END, table())]
+        + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
+        + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
+        + ([(ABEGIN, AEND, ablation_table(abl))] if abl else []),
+        ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
+        + ([(PBEGIN, PEND, standing(conv))] if conv else []),
+    }
+    for path, parts in blocks.items():
+        old = path.read_text()
+        text = old
+        for begin, end, body in parts:
+            text = _replace(text, begin, end, body, path.relative_to(ROOT).as_posix())
+        if text != old:
+            path.write_text(text)
+            print(f"updated {path.relative_to(ROOT).as_posix()}")
 
 
 if __name__ == "__main__":
