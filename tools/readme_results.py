@@ -56,7 +56,8 @@ def table() -> str:
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
         rows.append(
             f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min | {_mib(s.get('peak_rss_bytes'))} "
+            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min "
+            f"| {_mib(s.get('peak_rss_bytes'))} "
             f"| {s.get('code', '')} {s.get('note', '')} |"
         )
     return "\n".join(rows)
