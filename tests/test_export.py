@@ -151,24 +151,32 @@ def test_export_parity_failure_is_an_error(exported, tuned_run, tmp_path, monkey
 # --------------------------------------------------------------------------- int4 and merge
 
 
-def _int4_twin(model, folder):
-    """A copy of the unmerged torch model whose frozen linears hold the int4 graph's dequantized weights."""
+def _int4_twin(model, folder, compensated: bool = False):
+    """A copy of the unmerged torch model whose frozen linears hold the int4 graph's dequantized weights
+    (and, ``compensated``, whose coefficients are B - (W_int4 - W) P, computed here in float64)."""
     import copy
 
     graph = _graph(folder).graph
     dense = onnx_forms.int4_weights(graph)
     twin = copy.deepcopy(model)
     for name in tgt.adapters(twin):
+        layer = twin.get_submodule(name)
         with torch.no_grad():
-            twin.get_submodule(name).base.weight.copy_(torch.from_numpy(dense[f"model.{name}.frozen_t"]).T)
+            w_int4 = torch.from_numpy(dense[f"model.{name}.frozen_t"]).T
+            if compensated:
+                error = w_int4.double() - layer.base.weight.double()
+                layer.B.copy_((layer.B.double() - error @ layer.P.double()).to(layer.B.dtype))
+            layer.base.weight.copy_(w_int4)
     assert len(dense) == 14
     return twin
 
 
+@pytest.mark.parametrize("compensate", [True, False])
 def test_int4_keeps_the_adapter_float_and_computes_the_dequantized_model(exported, tuned_run, tokenizer, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, compensate):
     monkeypatch.setattr(export_mod, "export_decoder", _reuse_export(exported[0]))
-    report = export(tuned_run[0], str(tmp_path / "int4"), ExportOptions(int4=True, eval_samples=24))
+    report = export(tuned_run[0], str(tmp_path / "int4"),
+                    ExportOptions(int4=True, eval_samples=24, compensate=compensate))
     folder = tmp_path / "int4"
     graph = _graph(folder).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14  # 7 linears x 2 blocks
@@ -176,12 +184,14 @@ def test_int4_keeps_the_adapter_float_and_computes_the_dequantized_model(exporte
     assert not any(w.endswith("frozen_t") for w in weights)
     assert sum(n.op_type == "MatMul" and n.input[1].endswith("coeff_t") for n in graph.node) == 14
     meta = json.loads((folder / "zoact_onnx.json").read_text())
-    assert all(v == {"form": "int4", "adapter": True} for v in meta["layers"].values())
+    want = {"form": "int4", "adapter": True, **({"compensated": True} if compensate else {})}
+    assert all(v == want for v in meta["layers"].values())
     info = report["int4"]
+    assert info["compensated"] == (14 if compensate else 0)
     assert info["bytes"] < report["fp32"]["bytes"] and info["validation"]["examples"] == 24
     assert info["max_abs_logit_diff"] > 1e-3  # int4 really changed the frozen weights
     # against PyTorch running the dequantized int4 weights with the float adapter: fp32 rounding only
-    twin = _int4_twin(tuned_run[1], folder)
+    twin = _int4_twin(tuned_run[1], folder, compensated=compensate)
     diff, scale = export_mod.parity(twin, OnnxDecoder(folder), tokenizer)
     assert diff <= TOL * max(1.0, scale)
     _assert_same_greedy(folder, twin, tokenizer)
@@ -224,6 +234,47 @@ def test_int4_matmul_error_is_that_of_4_bit_blocks():
     assert 0.01 < rel < 0.15  # symmetric 4-bit: 15 levels per block of 32
     dense = onnx_forms.int4_weights(model.graph)["W"]
     assert np.abs(y - x @ dense).max() <= 1e-5 * np.abs(y).max()  # the read-back weights are what it computes
+
+
+def test_int4_compensation_cancels_the_rounding_inside_the_subspace():
+    """x W + (x P) C as MatMul nodes; after int4 with compensation, inputs in span(P) get x W + (x P) C back
+    (float rounding only), inputs orthogonal to P get x W_int4 + (x P) C, and without compensation neither."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    K, N, r = 64, 96, 4
+    W = rng.normal(0, 0.1, (K, N)).astype(np.float32)
+    P = np.linalg.qr(rng.normal(size=(K, r)))[0].astype(np.float32)  # orthonormal columns, as the bases are
+    C = rng.normal(0, 0.01, (r, N)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"], name="frozen"),
+             helper.make_node("MatMul", ["x", "P"], ["xp"], name="down"),
+             helper.make_node("MatMul", ["xp", "C"], ["xpc"], name="up"),
+             helper.make_node("Add", ["xw", "xpc"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (P, "P"), (C, "C"))])
+    base = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    def run(compensate: bool, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import copy
+
+        model = onnx_forms.write_int4(copy.deepcopy(base), {"W"}, 32)
+        if compensate:
+            onnx_forms.compensate_int4(model, {"W": ("C", P, W)})
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0], onnx_forms.int4_weights(model.graph)["W"]
+
+    inside = (rng.normal(size=(8, r)) @ P.T).astype(np.float32)
+    outside = rng.normal(size=(8, K)).astype(np.float32)
+    outside = (outside - outside @ P @ P.T).astype(np.float32)
+    exact = inside.astype(np.float64) @ W + inside.astype(np.float64) @ P @ C
+    y_comp, dense = run(True, inside)
+    y_plain, _ = run(False, inside)
+    assert np.abs(y_comp - exact).max() <= 1e-5 * np.abs(exact).max()
+    assert np.abs(y_plain - exact).max() > 1e-2 * np.abs(exact).max()  # the rounding is really there
+    y_out, _ = run(True, outside)
+    assert np.allclose(y_out, outside @ dense + outside @ P @ C, atol=1e-5)  # outside span(P): uncorrected
 
 
 def _one_matmul(W: np.ndarray):

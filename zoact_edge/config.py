@@ -289,6 +289,8 @@ class ExportOptions:
     merge: bool = opt(False, "16/32-bit runs: fold B P^T into the weights (a plain model; with --int4 the update is "
                              "rounded with the weights)")
     block_size: int = opt(32, "int4 quantization block size along the input dimension")
+    compensate: bool = opt(True, "with --int4 (unmerged): fold each layer's int4 rounding error inside its activation "
+                                 "subspace into the float adapter path, B - (W_int4 - W) P; no weights are added")
     tolerance: float = opt(1e-4, "largest allowed |logit difference| of the fp32 export vs PyTorch, relative to the "
                                  "largest |logit|")
     eval_samples: int = opt(200, "validation examples for the accuracy report (0: all)")

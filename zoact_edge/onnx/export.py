@@ -39,7 +39,7 @@ from ..config import ExportOptions
 from ..errors import UserError
 from ..paths import atomic_dir
 from . import forms as onnx_forms
-from .export_layers import FROZEN, INT8_REFUSAL, stand_ins, swapped
+from .export_layers import COEFF, FROZEN, INT8_REFUSAL, stand_ins, swapped
 from .forms import INT4_BLOCK
 from .runtime import META, MODEL, OnnxDecoder, folder_bytes
 from .session import require_onnxruntime
@@ -251,12 +251,20 @@ def export(adapter: str, out: str, opts: ExportOptions | None = None) -> dict:
             raise UserError(f"exported model disagrees with PyTorch: max |logit diff| {diff:.3g} > tolerance "
                             f"{opts.tolerance:g} x max |logit| {max(1.0, scale):.3g}; nothing was written")
         forms = {n: w.form for n, w in weights.items()}
+        # --int4 on a float run: the adapter path absorbs the rounding error in its subspace; a run tuned
+        # on these very int4 weights (--backend ort --bits 4) and a merged model have nothing to correct
+        fixed = run.pairs if int4 and opts.compensate and not opts.merge and run.int4_block is None else {}
         if int4:  # the int4 graph is measured against the float model: rounding the weights is the point
             log.info("quantizing %d frozen weights to int4 MatMulNBits (block %d)", len(initializer), block)
-            onnx_forms.rewrite(tmp / MODEL, int4=set(initializer.values()), block_size=block)
-            report["int4"] = {"block_size": block, **_measure(tmp, run.model, run.tokenizer, task, examples)}
+            comp = {initializer[n]: (f"model.{n}.{COEFF}", P.float().numpy(), weights[n].weight_t.numpy())
+                    for n, (P, _) in fixed.items()}
+            onnx_forms.rewrite(tmp / MODEL, int4=set(initializer.values()), block_size=block, compensate=comp)
+            report["int4"] = {"block_size": block, "compensated": len(comp),
+                              **_measure(tmp, run.model, run.tokenizer, task, examples)}
             forms = dict.fromkeys(weights, "int4")
         meta["layers"] = {n: {"form": f, "adapter": n in run.pairs and not opts.merge} for n, f in forms.items()}
+        for n in fixed:
+            meta["layers"][n]["compensated"] = True
         meta["export"] = report
         _write_companions(tmp, run, meta)
     return report

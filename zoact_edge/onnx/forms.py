@@ -10,6 +10,14 @@ MatMuls of its own. This module rewrites only the frozen MatMuls:
   (checked against bitsandbytes' dequantization on every layer of the default model).
 * ``int4``: ``com.microsoft.MatMulNBits`` (symmetric, per block along K) through ONNX Runtime's
   own quantizer, restricted to the frozen nodes, so the adapter MatMuls stay float.
+
+With ``int4``, the adapter path may also absorb the rounding error (``compensate``): with
+E = W_int4 - W, the coefficients become ``C - P^T E`` (C = B^T, all in (K, N) orientation), so
+``x W_int4 + (x P) C' = x W + (x P) C + x (I - P P^T) E``: only the part of x outside the layer's
+activation subspace still sees the rounding. P holds the top eigenvectors of the calibration
+tokens' uncentred second moment, so ``P^T E`` is also the least-squares correction of E over those
+tokens. No weights are added; the measured effect on the default model is in
+``docs/results/diagnose_int4.json``.
 """
 
 from __future__ import annotations
@@ -110,6 +118,27 @@ def write_int4(model, weight_names: set[str], block_size: int):
     return out
 
 
+def compensate_int4(model, layers: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Fold each int4 weight's rounding error inside its activation subspace into its adapter path.
+
+    ``layers`` maps a (now int4) frozen weight's name to ``(coefficient initializer name, P (K, r),
+    the float weight W^T (K, N))``; the coefficient ``C`` (r, N) becomes ``C - P^T (W_int4^T - W^T)``
+    with ``W_int4`` read back from the graph, i.e. what ``MatMulNBits`` really computes with.
+    """
+    from onnx import numpy_helper
+
+    dense = int4_weights(model.graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, (coeff, P, W) in layers.items():
+        if name not in dense or coeff not in inits:
+            raise RuntimeError(f"cannot compensate {name}: no int4 weight or no coefficient {coeff} in the graph")
+        C = numpy_helper.to_array(inits[coeff]).astype(np.float64)
+        fix = P.astype(np.float64).T @ (dense[name].astype(np.float64) - W.astype(np.float64))
+        if fix.shape != C.shape:
+            raise RuntimeError(f"{coeff}: shape {C.shape} does not fit the correction {fix.shape}")
+        inits[coeff].CopyFrom(numpy_helper.from_array((C - fix).astype(np.float32), coeff))
+
+
 def _drop_initializers(graph, names: set[str]) -> None:
     keep = [i for i in graph.initializer if i.name not in names]
     del graph.initializer[:]
@@ -128,8 +157,9 @@ def save(model, path: Path) -> None:
 
 
 def rewrite(path: Path, bnb4: dict[str, dict] | None = None, int4: set[str] | None = None,
-            block_size: int = 32) -> None:
-    """Rewrite the graph at ``path`` in place: ``bnb4`` weights to MatMulBnb4, ``int4`` to MatMulNBits."""
+            block_size: int = 32, compensate: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None) -> None:
+    """Rewrite the graph at ``path`` in place: ``bnb4`` weights to MatMulBnb4, ``int4`` to MatMulNBits
+    (then, for the weights in ``compensate``, see :func:`compensate_int4`)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -137,6 +167,8 @@ def rewrite(path: Path, bnb4: dict[str, dict] | None = None, int4: set[str] | No
         write_bnb4(model, bnb4)
     if int4:
         model = write_int4(model, int4, block_size)
+        if compensate:
+            compensate_int4(model, compensate)
     save(model, path)
 
 
