@@ -62,6 +62,9 @@ RUNS: dict[str, tuple[str, dict]] = {
     # targets
     "r1-attn-lr3e-3": ("zoact", {"rank": 1, "targets": "q_proj,k_proj,v_proj,o_proj", "lr": 3e-3, "eps": 1e-3}),
     "r1-mlp-lr3e-3": ("zoact", {"rank": 1, "targets": "gate_proj,up_proj,down_proj", "lr": 3e-3, "eps": 1e-3}),
+    # the upper half of the blocks (15-29 of 30) with each example's input to block 15 cached: a
+    # forward then costs about half, and half the coefficients are perturbed
+    "r16-upper-cache-lr1e-3": ("zoact", {"rank": 16, "layers": "15-29", "cache-prefix": True, "lr": 1e-3, "eps": 1e-3}),
     # optimizer (median |projected gradient| at rank 1 is 7-9, so SGD at 3e-4 moves a coordinate
     # about as far per step as Adam at 3e-3; momentum 0.9 multiplies the step by ~10)
     "r1-sgd-lr3e-4": ("zoact", {"rank": 1, "optimizer": "sgd", "lr": 3e-4, "eps": 1e-3}),

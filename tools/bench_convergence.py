@@ -39,6 +39,9 @@ from zoact_edge.recipes.baselines import FORWARDS_PER_STEP as BASELINE_FORWARDS_
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 METHODS = ("zoact", "subspace", "mezo", "fo-lora")
+# Methods with nothing to sweep: the prior-only baseline fits a per-label bias on 256 labelled
+# training examples and changes no weight, so every table shows how much of a gain is more than that.
+FIXED = {"calibrate": {"calib-samples": 256}}
 # The baselines' counts come from the trainer that spends them; a ZO-Act or subspace step with
 # the default single query is two forwards.
 FORWARDS_PER_STEP = {"zoact": 2, "subspace": 2, **BASELINE_FORWARDS_PER_STEP,
@@ -79,8 +82,8 @@ def run_one(method: str, task: str, seed: int, budget: int, points: int, setting
         if args.model:
             cmd += ["--model", args.model]
         cmd += args.extra.split()
-        for key, value in settings.items():
-            cmd += [f"--{key}", str(value)]
+        for key, value in settings.items():  # a boolean option is a flag: --cache-prefix / --no-cache-prefix
+            cmd += [f"--{key}" if value else f"--no-{key}"] if isinstance(value, bool) else [f"--{key}", str(value)]
         if test:
             cmd.append("--test-eval")
         t0 = time.time()
@@ -120,11 +123,9 @@ def _same_scale(r: dict, args) -> bool:
 
     A choice read from runs at another scale (say a 600-forward sweep) would not be this one's.
     """
-    return r["forwards"] == spent(r["method"], args.budget) and (r["batch_size"], r["eval_samples"], r["bits"]) == (
-        args.batch_size,
-        args.eval_samples,
-        args.bits or 32,
-    )
+    same_budget = r["method"] in FIXED or r["forwards"] == spent(r["method"], args.budget)  # calibrate takes no steps
+    return same_budget and (r["batch_size"], r["eval_samples"], r["bits"]) == (args.batch_size, args.eval_samples,
+                                                                               args.bits or 32)
 
 
 def _same_run(r: dict, method: str, task: str, seed: int, settings: dict, args) -> bool:
@@ -207,6 +208,8 @@ def best_settings(records: list[dict]) -> dict:
 
 
 def chosen_settings(method: str, task: str, sweep_records: list[dict]) -> dict:
+    if method in FIXED:
+        return FIXED[method]
     best = best_settings(sweep_records)
     if f"{task}/{method}" in best:
         return best[f"{task}/{method}"]
@@ -218,7 +221,10 @@ def chosen_settings(method: str, task: str, sweep_records: list[dict]) -> dict:
 def run(args) -> None:
     path = Path(args.output)
     data, sealed = _load(path), _load(Path(args.sealed_file))
-    sweep_records = [r for r in _load(Path(args.sweep_file))["records"] if _same_scale(r, args)]
+    # the choice may come from a sweep at another budget (--settings-budget): a 1,500-forward run
+    # takes the 300-forward sweep's settings rather than sweeping five times longer runs again
+    choose = argparse.Namespace(**{**vars(args), "budget": args.settings_budget or args.budget})
+    sweep_records = [r for r in _load(Path(args.sweep_file))["records"] if _same_scale(r, choose)]
     for task in args.tasks.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
@@ -267,6 +273,10 @@ def plot(data: dict, path: Path) -> None:
             xs, ys, sd = zip(*curve)
             ax.plot(xs, ys, marker="o", label=f"{method} (n={len(recs)})")
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
+        prior = [r["val_accuracy"] for r in data["records"] if r["task"] == task and r["method"] in FIXED]
+        if prior:
+            ax.axhline(statistics.mean(prior), color="grey", linestyle="--",
+                       label=f"calibrate, prior only (n={len(prior)})")
         ax.set_title(task)
         ax.set_xlabel("forward passes (backward = 2)")
         ax.set_ylabel("validation accuracy")
@@ -302,6 +312,8 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", default="0,1,2")
     r.add_argument("--output", default=str(RESULTS / "convergence.json"))
     r.add_argument("--plot", default=str(RESULTS / "convergence.png"))
+    r.add_argument("--settings-budget", type=int, default=None, metavar="FORWARDS",
+                   help="read each method's settings from the sweep at this budget (default: --budget)")
     args = p.parse_args(argv)
     sweep(args) if args.cmd == "sweep" else run(args)
 
