@@ -59,6 +59,7 @@ def torch_reference(run_dir: str, folder: Path, opts: ExportOptions):
     """PyTorch running the exported weights: the run's model, int4 weights read back from the graph
     where the export rounded them, and the adapter unless it was merged."""
     run = load_run(run_dir, ExportOptions())
+    error: dict[str, torch.Tensor] = {}  # W_int4 - W as (d_out, d_in), for the compensated coefficients
     if opts.int4:
         import onnx
 
@@ -66,16 +67,18 @@ def torch_reference(run_dir: str, folder: Path, opts: ExportOptions):
         for name, module in run.model.named_modules():
             key = f"model.{name}.frozen_t"
             if key in dense:
-                W = torch.from_numpy(dense.pop(key))  # merged: B P^T is already in it
+                W = torch.from_numpy(dense.pop(key))  # (d_in, d_out); merged: B P^T is already in it
+                conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out) already
                 with torch.no_grad():
-                    if type(module).__name__ == "Conv1D":
-                        module.weight.copy_(W)
-                    else:
-                        module.weight.copy_(W.T)
+                    error[name] = (W.double() - module.weight.double().to(W.device)).T if conv1d else (
+                        W.T.double() - module.weight.double())
+                    module.weight.copy_(W if conv1d else W.T)
         if dense:
             raise RuntimeError(f"int4 weights without a torch module: {sorted(dense)[:3]}")
     if not opts.merge:
         for name, (P, B) in run.pairs.items():
+            if opts.int4 and opts.compensate:  # computed here, not read from the graph: B - (W_int4 - W) P
+                B = (B.double() - error[name] @ P.double()).float()
             tgt.wrap(run.model, name, P.float(), B.float())
     return run.model, run.tokenizer
 
