@@ -31,6 +31,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
 SBEGIN, SEND = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 ABEGIN, AEND = "<!-- ablations:begin -->", "<!-- ablations:end -->"
+BBEGIN, BEND = "<!-- budget:begin -->", "<!-- budget:end -->"
 QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
 # How a method is named in the tables (every other method by its --method value).
@@ -255,6 +256,20 @@ def ablation_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def budget_table(data: dict) -> str:
+    """One row per long-budget run (``bench_convergence.py run --budget 1500``): the validation curve and
+    the sealed test accuracy read once at the end."""
+    rows = ["| task | method | seed | settings | val acc. at forwards | test acc. (%) |", "|---|---|---|---|---|---|"]
+    for r in sorted(data.get("records", []), key=lambda r: (r["task"], r["forwards"], r["method"], r["seed"])):
+        points = [(f, a) for f, a in r["curve"] if f > 0]
+        accs = " / ".join(f"{a:.3f}" for _, a in points)
+        at = " / ".join(str(f) for f, _ in points)
+        test = "n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}"
+        rows.append(f"| {r['task']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} | {_label(r['settings'])} "
+                    f"| {accs} (at {at}) | {test} |")
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"{where} lacks the markers {begin} ... {end}")
@@ -269,11 +284,13 @@ def _load(name: str) -> dict | None:
 
 def main() -> None:
     conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
+    budget = _load("budget.json")
     blocks = {
         ROOT / "docs" / "results.md": [(BEGIN, END, table())]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
-        + ([(ABEGIN, AEND, ablation_table(abl))] if abl else []),
+        + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])
+        + ([(BBEGIN, BEND, budget_table(budget))] if budget else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv))] if conv else []),
     }
