@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 
+from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
+
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
@@ -64,15 +66,6 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def _fmt_bytes(n: int) -> str:
-    """As ``zoact_edge.memory.fmt_bytes`` prints it (copied: this tool imports no torch)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def quickstart() -> str:
     """What ``zoact-edge tune`` prints at the end (``train.describe``), for the committed fp32 default run,
     then one line per other default run."""
@@ -86,7 +79,7 @@ def quickstart() -> str:
            f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}",
            f"steps: {s['steps']}  ({s['seconds_per_step']:.2f} s/step)  "
            f"wall time this run: {s['wall_seconds_this_run']:.0f} s",
-           f"peak memory: RSS {_fmt_bytes(s['peak_rss_bytes'])}",
+           f"peak memory: RSS {fmt_bytes(s['peak_rss_bytes'])}",
            "```", ""]
     for bits, o in sorted(runs.items()):
         if bits == 32:
