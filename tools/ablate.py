@@ -69,6 +69,12 @@ RUNS: dict[str, tuple[str, dict]] = {
     # about as far per step as Adam at 3e-3; momentum 0.9 multiplies the step by ~10)
     "r1-sgd-lr3e-4": ("zoact", {"rank": 1, "optimizer": "sgd", "lr": 3e-4, "eps": 1e-3}),
     "r1-sgdm-lr3e-5": ("zoact", {"rank": 1, "optimizer": "sgd", "momentum": 0.9, "lr": 3e-5, "eps": 1e-3}),
+    # learning-rate schedule: Adam under ZO takes steps of about lr in every coordinate whatever the
+    # signal (its second moment tracks the squared projected gradient, which shrinks with the
+    # gradient), so a constant lr ends on a random walk at the lr's scale; cosine decay to zero ends
+    # it on an average instead
+    "r16-cosine-lr1e-3": ("zoact", {"rank": 16, "schedule": "cosine", "lr": 1e-3, "eps": 1e-3}),
+    "r16-cosine-lr2e-3": ("zoact", {"rank": 16, "schedule": "cosine", "lr": 2e-3, "eps": 1e-3}),
     # calibration tokens
     "r1-scored-lr3e-3": ("zoact", {"rank": 1, "calib-tokens": "scored", "lr": 3e-3, "eps": 1e-3}),
     "r16-scored-lr1e-3": ("zoact", {"rank": 16, "calib-tokens": "scored", "lr": 1e-3, "eps": 1e-3}),

@@ -218,6 +218,18 @@ def chosen_settings(method: str, task: str, sweep_records: list[dict]) -> dict:
     return GRID[method][len(GRID[method]) // 2]
 
 
+def _parse_set(kv: str) -> tuple[str, object]:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set takes KEY=VALUE, got {kv!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def run(args) -> None:
     path = Path(args.output)
     data, sealed = _load(path), _load(Path(args.sealed_file))
@@ -225,10 +237,13 @@ def run(args) -> None:
     # takes the 300-forward sweep's settings rather than sweeping five times longer runs again
     choose = argparse.Namespace(**{**vars(args), "budget": args.settings_budget or args.budget})
     sweep_records = [r for r in _load(Path(args.sweep_file))["records"] if _same_scale(r, choose)]
+    # --set rank=1: a second configuration of a method, on top of its chosen settings; the record
+    # carries it in its settings, so it is a run of its own and never mistaken for the plain one
+    overrides = dict(_parse_set(kv) for kv in args.set)
     for task in args.tasks.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
-                settings = chosen_settings(method, task, sweep_records)
+                settings = {**chosen_settings(method, task, sweep_records), **overrides}
                 if any(_same_run(r, method, task, seed, settings, args) for r in data["records"]):
                     continue
                 same = [r for r in sealed["records"] if _same_run(r, method, task, seed, settings, args)]
@@ -314,6 +329,9 @@ def main(argv=None) -> None:
     r.add_argument("--plot", default=str(RESULTS / "convergence.png"))
     r.add_argument("--settings-budget", type=int, default=None, metavar="FORWARDS",
                    help="read each method's settings from the sweep at this budget (default: --budget)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tune option on top of the chosen settings (repeatable), e.g. --set rank=1: "
+                        "recorded in the run's settings")
     args = p.parse_args(argv)
     sweep(args) if args.cmd == "sweep" else run(args)
 

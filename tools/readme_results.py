@@ -8,7 +8,10 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``, and
   README.md's one line on where ZO-Act stands;
 * ``docs/results/sweep.json``: its learning-rate sweep (validation split only);
-* ``docs/results/ablations.json``: the runs of ``tools/ablate.py``.
+* ``docs/results/ablations.json``: the runs of ``tools/ablate.py``;
+* ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``;
+* ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
+  exact one-query ZO), beside the comparison's runs of the same task and seed.
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -36,6 +39,7 @@ ABEGIN, AEND = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 BBEGIN, BEND = "<!-- budget:begin -->", "<!-- budget:end -->"
 QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
+OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -263,6 +267,34 @@ def budget_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def oracle_table(oracle: dict, conv: dict | None) -> str:
+    """The oracle runs, then the comparison's runs of the same task, seed and validation examples for
+    reference, each with its validation loss against the prior-only baseline's (negative: lower)."""
+    recs = oracle.get("records", [])
+    rows = ["| task | seed | run | forwards | val acc. | val loss | val loss − prior only's |",
+            "|---|---|---|---|---|---|---|"]
+    for task, seed in sorted({(r["task"], r["seed"]) for r in recs}):
+        zs = next(r for r in recs if (r["task"], r["seed"]) == (task, seed))
+        z_loss = zs["zero_shot_val_loss"]
+        same = [r for r in (conv or {}).get("records", [])
+                if (r["task"], r["seed"], r["eval_samples"]) == (task, seed, zs["eval_samples"])]
+        prior = next((r["val_loss"] for r in same if r["method"] == "calibrate"), None)
+
+        def share(loss: float) -> str:
+            return "—" if prior is None else f"{loss - prior:+.3f}"
+
+        rows.append(f"| {task} | {seed} | zero-shot | 0 | {zs['zero_shot_val_accuracy']:.3f} | {z_loss:.3f} | — |")
+        for r in [r for r in recs if (r["task"], r["seed"]) == (task, seed)]:
+            how = ("backprop on B" if r["mode"] == "fo" else "exact one-query ZO on B") + \
+                f", {r['basis']} basis r={r['rank']}, Adam lr {r['lr']:g}"
+            rows.append(f"| {task} | {seed} | {how} | {r['forwards']} | {r['val_accuracy']:.3f} | "
+                        f"{r['val_loss']:.3f} | {share(r['val_loss'])} |")
+        for r in sorted(same, key=lambda r: METHODS.index(r["method"]) if r["method"] in METHODS else 99):
+            rows.append(f"| {task} | {seed} | `tune --method {r['method']}` ({_label(r['settings'])}) | "
+                        f"{r['forwards']} | {r['val_accuracy']:.3f} | {r['val_loss']:.3f} | {share(r['val_loss'])} |")
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"{where} lacks the markers {begin} ... {end}")
@@ -277,13 +309,14 @@ def _load(name: str) -> dict | None:
 
 def main() -> None:
     conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
-    budget = _load("budget.json")
+    budget, oracle = _load("budget.json"), _load("diagnose_oracle.json")
     blocks = {
         ROOT / "docs" / "results.md": [(BEGIN, END, table())]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])
-        + ([(BBEGIN, BEND, budget_table(budget))] if budget else []),
+        + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
+        + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv))] if conv else []),
     }
