@@ -241,6 +241,10 @@ class TuneConfig:
         """Whether a step fuses its +/- forwards: --fused, else the device's default (torch backend only)."""
         return self.fused if self.fused is not None else (default and self.backend == "torch")
 
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the record of step ``step`` (1-based) carries a validation evaluation (--eval-every)."""
+        return bool(self.eval_every) and step % self.eval_every == 0 and step < self.steps
+
     def adapter_dtype_on(self, device_type: str) -> str:
         """--adapter-dtype, with auto resolved: fp32 on CPU and on the ORT backend, fp16 on a GPU."""
         if self.adapter_dtype == "auto":

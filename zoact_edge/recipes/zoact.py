@@ -27,31 +27,20 @@ from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
+from ..data.stream import batch_indices, collated, sample_indices
 from ..data.tasks import scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
+from ..paths import write_json
 from ..profiling.fit import check_batch_fits
+from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
 from ..zo import distributed, perturb
 from ..zo.engine import LossEngine, TorchEngine
 from ..zo.estimator import fused_by_default
 from ..zo.prefix import PrefixCache
-from .harness import (
-    Inputs,
-    batch_indices,
-    claim_output,
-    evaluating_now,
-    fmt_metrics,
-    load_inputs,
-    lr_factor,
-    make_optimizer,
-    measure_yardstick,
-    run_costs,
-    run_summary,
-    set_lr,
-    truncate_metrics,
-    write_json,
-)
+from ..zo.schedule import lr_factor, make_optimizer, set_lr
+from .harness import Inputs, fmt_metrics, load_inputs, run_costs, run_summary
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,7 +56,9 @@ def tune_zoact(cfg: TuneConfig, resume: str | None = None) -> dict:
         raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {cfg.backend})")
     if not ranks.is_main:  # never writes: every write below is main-rank only
         return _tune(cfg, resume, None, ranks, t_start)
-    with rundir.claim_existing(resume, f"--resume {resume}") if resume else claim_output(cfg) as run:
+    claimed = rundir.claim_existing(resume, f"--resume {resume}") if resume else rundir.claim(cfg.output, cfg.task,
+                                                                                               cfg.overwrite)
+    with claimed as run:
         return _tune(cfg, resume, run, ranks, t_start)
 
 
@@ -84,7 +75,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
     pairs = cfg.queries if cfg.fuse_queries else 1  # rows held per example beyond the default step
     check_batch_fits(model.config, found, cfg, device, pairs if default else (2 * pairs if fused else 1))
     dtype = DTYPES[cfg.adapter_dtype_on(device.type)]
-    yardstick = measure_yardstick(cfg, inputs)
+    yardstick = Yardstick.measure(model, task, splits.train[:cfg.batch_size], cfg.max_length, device)
 
     # ---- adapters: fresh bases, or everything from the checkpoint
     energies: dict = {}  # each activation basis column's energy (--perturb whiten)
@@ -98,7 +89,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
         perturb.apply(layers, perturb.from_state(state.get("z_scales")))
         if main:
-            truncate_metrics(run.path / "metrics.jsonl", start_step)
+            rundir.truncate_metrics(run.path, start_step)
     else:
         t0 = time.time()
         layers = build_adapters(
@@ -185,7 +176,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
             else:
                 bad_in_a_row = 0
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2g}")
-            if evaluating_now(cfg, step + 1):
+            if cfg.evaluates_at(step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
                 bar.write(f"step {step + 1}: {fmt_metrics(record['eval'])}")
             metrics.write(json.dumps(record) + "\n")
@@ -253,8 +244,6 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, opt_state: dict, res
 
 
 def _calibration_batches(cfg, task, train: list, device) -> list:
-    n = min(cfg.calib_samples, len(train))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0xCA11B))
-    idx = torch.randperm(len(train), generator=gen)[:n].tolist()
-    bs = cfg.batch_size  # the training batch: calibration then peaks no higher than a ZO step
-    return [task.collate([train[i] for i in idx[s:s + bs]]).to(device) for s in range(0, n, bs)]
+    idx = sample_indices(len(train), min(cfg.calib_samples, len(train)), cfg.seed, 0xCA11B)
+    # in training batches: calibration then peaks no higher than a ZO step
+    return collated(task, [train[i] for i in idx], cfg.batch_size, device)
