@@ -9,7 +9,6 @@ Every file the toolkit writes goes through :func:`atomic_write` / :func:`atomic_
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -58,12 +57,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """``obj`` as indented JSON, written atomically."""
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
 
 
 def atomic_save_file(write_fn, path: str | os.PathLike) -> None:

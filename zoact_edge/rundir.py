@@ -185,6 +185,11 @@ class RunDir:
         shutil.rmtree(old, ignore_errors=True)
         os.close(self._fds.pop(0))  # the old run's lock went with it
 
+    def write_json(self, name: str, obj) -> None:
+        """``obj`` as the run's file ``name`` (indented JSON), written atomically."""
+        with atomic_write(self.path / name) as f:
+            json.dump(obj, f, indent=2)
+
     # ---- the end
     def last_good(self) -> str:
         step = _checkpoint_step(self.path)

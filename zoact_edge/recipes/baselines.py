@@ -33,7 +33,7 @@ from ..data.evaluate import evaluate
 from ..data.stream import batch_indices
 from ..errors import UserError
 from ..memory import release_free_memory
-from ..paths import atomic_save_file, file_mode, write_json
+from ..paths import atomic_save_file, file_mode
 from ..profiling.fit import check_batch_fits
 from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
@@ -44,17 +44,8 @@ from . import harness
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
 
-def tune_baseline(cfg: TuneConfig) -> dict:
-    t_start = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
-    with rundir.claim(cfg.output, cfg.task, cfg.overwrite) as run:  # owned and locked; removed again if the run fails
-        summary = _tune_baseline(cfg, run, t_start)
-    summary["output"] = str(run.final)
-    return summary
-
-
-def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
+def tune_baseline(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
+    """The run in ``run``'s folder; returns the summary (``tune`` writes it)."""
     # ---- setup
     inputs = harness.load_inputs(cfg)
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
@@ -81,7 +72,7 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
     out = run.path
-    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
+    run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
 
     # ---- loop
     per_step = FORWARDS_PER_STEP[cfg.method]
@@ -131,8 +122,6 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
         cfg, zero_shot, final, test, forwards_per_step=per_step, trainable_params=trainable, adapted_layers=len(names),
         basis_seconds=0.0, costs=harness.run_costs(loop_seconds, cfg.steps, t_start), device=device, fused=False,
         examples_per_step=cfg.batch_size, peaks=yardstick.summary())
-    write_json(out / "summary.json", summary)
-    run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary
 
 

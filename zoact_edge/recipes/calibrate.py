@@ -33,7 +33,7 @@ from ..data.evaluate import evaluate
 from ..data.stream import sample_indices
 from ..data.tasks import ClassificationTask
 from ..errors import UserError
-from ..paths import atomic_write, write_json
+from ..paths import atomic_write
 from ..profiling.meter import Yardstick
 from .harness import load_inputs, run_costs
 
@@ -68,16 +68,8 @@ def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) ->
     return (b - b.mean()).detach()
 
 
-def tune_calibrate(cfg: TuneConfig) -> dict:
-    t_start = time.time()
-    with rundir.claim(cfg.output, cfg.task, cfg.overwrite) as run:  # owned and locked; removed again if the run fails
-        summary = _tune_calibrate(cfg, run, t_start)
-    summary["output"] = str(run.final)
-    return summary
-
-
-def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
-    out = run.path
+def tune_calibrate(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
+    """The run in ``run``'s folder; returns the summary (``tune`` writes it)."""
     inputs = load_inputs(cfg)
     model, device, task, splits, eval_set = inputs.model, inputs.device, inputs.task, inputs.splits, inputs.eval_set
     if not isinstance(task, ClassificationTask):
@@ -99,11 +91,11 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
     tuned = run_eval("calibrated eval", bias=bias)
     uniform_metrics = run_eval("uniform-prior eval", bias=uniform)
     test = run_eval("test eval", splits.test, bias) if cfg.test_eval else None
-    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
-    with atomic_write(out / "metrics.jsonl"):  # no steps: an empty log
+    run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
+    with atomic_write(run.path / "metrics.jsonl"):  # no steps: an empty log
         pass
-    write_json(
-        out / "calibration.json",
+    run.write_json(
+        "calibration.json",
         {
             "label_words": task.label_words,
             "logit_bias": bias.tolist(),
@@ -124,6 +116,4 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
         **run_costs(loop_seconds, batches, t_start),
         **yardstick.summary(),
     }
-    write_json(out / "summary.json", summary)
-    run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary

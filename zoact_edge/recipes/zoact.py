@@ -31,7 +31,6 @@ from ..data.stream import batch_indices, collated, sample_indices
 from ..data.tasks import scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
-from ..paths import write_json
 from ..profiling.fit import check_batch_fits
 from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
@@ -46,24 +45,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def tune_zoact(cfg: TuneConfig, resume: str | None = None) -> dict:
-    t_start = time.time()
-    if cfg.resample_every and resume:
-        raise UserError("--resample-every runs need --backend torch and cannot be resumed (the folded weights are not "
-                        "checkpointed)")
-    ranks = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank; else rank 0 of 1
-    if cfg.backend != "torch" and ranks.active:
-        raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {cfg.backend})")
-    if not ranks.is_main:  # never writes: every write below is main-rank only
-        return _tune(cfg, resume, None, ranks, t_start)
-    claimed = rundir.claim_existing(resume, f"--resume {resume}") if resume else rundir.claim(cfg.output, cfg.task,
-                                                                                               cfg.overwrite)
-    with claimed as run:
-        return _tune(cfg, resume, run, ranks, t_start)
-
-
-def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks, t_start: float) -> dict:
-    """The run itself; ``run`` is the claimed output folder (None on the ranks that do not write)."""
+def tune_zoact(cfg: TuneConfig, run: rundir.RunDir | None, ranks: distributed.Ranks, resume: str | None,
+               t_start: float) -> dict:
+    """The run in ``run``'s folder (None on the ranks that do not write); returns the summary (``tune`` writes it)."""
     main = ranks.is_main  # only the main rank writes files
     # ---- setup: model, task, targets; refuse a batch that cannot fit before any forward
     inputs = load_inputs(cfg, cfg.load_bits)
@@ -116,7 +100,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         yardstick.meter.split("zero-shot eval")
         start_step, opt_state = 0, None
         if main:
-            write_json(run.path / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
+            run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
@@ -200,10 +184,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         adapted_layers=len(order), basis_seconds=basis_seconds, costs=costs, device=device, fused=fused,
         examples_per_step=per_rank * ranks.world_size, peaks=yardstick.summary("final eval"),
         **({"prefix_cache": cache.stats()} if cache is not None else {}), eval_batch_size=cfg.eval_batch_size)
-    if main:
-        write_json(run.path / "summary.json", summary)
     distributed.shutdown(ranks)
-    summary["output"] = str(run.path) if main else f"written by rank 0 (this is rank {ranks.rank})"
     return summary
 
 
