@@ -44,10 +44,9 @@ from . import harness
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
 
-def tune_baseline(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
-    """The run in ``run``'s folder; returns the summary (``tune`` writes it)."""
+def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder; returns the summary (``tune`` writes it)."""
     # ---- setup
-    inputs = harness.load_inputs(cfg)
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
@@ -72,7 +71,6 @@ def tune_baseline(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
     out = run.path
-    run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
 
     # ---- loop
     per_step = FORWARDS_PER_STEP[cfg.method]

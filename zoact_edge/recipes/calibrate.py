@@ -35,7 +35,7 @@ from ..data.tasks import ClassificationTask
 from ..errors import UserError
 from ..paths import atomic_write
 from ..profiling.meter import Yardstick
-from .harness import load_inputs, run_costs
+from .harness import Inputs, run_costs
 
 CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stream of the run
 
@@ -68,9 +68,8 @@ def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) ->
     return (b - b.mean()).detach()
 
 
-def tune_calibrate(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
-    """The run in ``run``'s folder; returns the summary (``tune`` writes it)."""
-    inputs = load_inputs(cfg)
+def tune_calibrate(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder; returns the summary (``tune`` writes it)."""
     model, device, task, splits, eval_set = inputs.model, inputs.device, inputs.task, inputs.splits, inputs.eval_set
     if not isinstance(task, ClassificationTask):
         raise UserError(f"--method calibrate is for classification tasks, not --task {cfg.task}")
@@ -91,7 +90,6 @@ def tune_calibrate(cfg: TuneConfig, run: rundir.RunDir, t_start: float) -> dict:
     tuned = run_eval("calibrated eval", bias=bias)
     uniform_metrics = run_eval("uniform-prior eval", bias=uniform)
     test = run_eval("test eval", splits.test, bias) if cfg.test_eval else None
-    run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
     with atomic_write(run.path / "metrics.jsonl"):  # no steps: an empty log
         pass
     run.write_json(

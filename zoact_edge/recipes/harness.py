@@ -40,11 +40,9 @@ class Inputs:
         return self.loaded.device
 
 
-def load_inputs(cfg: TuneConfig, bits: int | None = None) -> Inputs:
-    """The model (at ``bits``, default ``cfg.bits``), the task, its splits and the validation examples."""
-    loaded = load_model(
-        cfg.model, cfg.bits if bits is None else bits, cfg.quant_type, cfg.device, cfg.trust_remote_code
-    )
+def load_inputs(cfg: TuneConfig) -> Inputs:
+    """The model (at ``cfg.load_bits``), the task, its splits and the validation examples."""
+    loaded = load_model(cfg.model, cfg.load_bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     task, splits = build_task(cfg, loaded.tokenizer)
     return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None])
 

@@ -1,6 +1,6 @@
 """The ZO-Act recipe (``--method zoact``, and ``subspace``, its random-basis ablation), top to bottom.
 
-setup:  load model -> build task -> pick target layers -> one-shot bases (or resume) -> adapters
+setup:  (the model and task, loaded by ``tune``) -> pick target layers -> one-shot bases (or resume) -> adapters
         -> loss engine (torch or ONNX Runtime) -> zero-shot eval
 loop:   ZO steps (forward pairs only, under inference mode), checkpoints, periodic evals
 finish: final eval -> PEFT adapter + checkpoint + summary.
@@ -39,18 +39,18 @@ from ..zo.engine import LossEngine, TorchEngine
 from ..zo.estimator import fused_by_default
 from ..zo.prefix import PrefixCache
 from ..zo.schedule import lr_factor, make_optimizer, set_lr
-from .harness import Inputs, fmt_metrics, load_inputs, run_costs, run_summary
+from .harness import Inputs, fmt_metrics, run_costs, run_summary
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def tune_zoact(cfg: TuneConfig, run: rundir.RunDir | None, ranks: distributed.Ranks, resume: str | None,
-               t_start: float) -> dict:
-    """The run in ``run``'s folder (None on the ranks that do not write); returns the summary (``tune`` writes it)."""
+def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks: distributed.Ranks,
+               resume: str | None, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder (None on the ranks that do not write); returns the summary
+    (``tune`` writes it)."""
     main = ranks.is_main  # only the main rank writes files
-    # ---- setup: model, task, targets; refuse a batch that cannot fit before any forward
-    inputs = load_inputs(cfg, cfg.load_bits)
+    # ---- setup: targets; refuse a batch that cannot fit before any forward
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     tgt.check_rank(found, cfg.rank)
@@ -99,8 +99,6 @@ def tune_zoact(cfg: TuneConfig, run: rundir.RunDir | None, ranks: distributed.Ra
         zero_shot = run_eval("zero-shot eval")
         yardstick.meter.split("zero-shot eval")
         start_step, opt_state = 0, None
-        if main:
-            run.write_json("run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
