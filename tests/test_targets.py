@@ -5,7 +5,7 @@ from conftest import make_model
 
 from zoact_edge.adapters.targets import find_targets
 from zoact_edge.config import TuneConfig
-from zoact_edge.data.stream import batch_indices
+from zoact_edge.data.datasets import batch_indices
 from zoact_edge.errors import UserError
 from zoact_edge.zo.schedule import lr_factor
 

@@ -30,7 +30,7 @@ import torch
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.build import build_adapters
 from zoact_edge.config import TuneConfig
-from zoact_edge.data.stream import batch_indices
+from zoact_edge.data.datasets import batch_indices
 from zoact_edge.data.tasks import build_task, hidden_states
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write

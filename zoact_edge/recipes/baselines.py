@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .. import rundir
 from ..adapters import targets as tgt
 from ..config import TuneConfig
+from ..data.datasets import batch_indices
 from ..data.evaluate import evaluate
-from ..data.stream import batch_indices
 from ..errors import UserError
 from ..memory import release_free_memory
 from ..paths import atomic_save_file, file_mode

@@ -29,8 +29,8 @@ import torch
 
 from .. import rundir
 from ..config import TuneConfig
+from ..data.datasets import sample_indices
 from ..data.evaluate import evaluate
-from ..data.stream import sample_indices
 from ..data.tasks import ClassificationTask
 from ..errors import UserError
 from ..paths import atomic_write

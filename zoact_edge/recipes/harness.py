@@ -2,7 +2,7 @@
 ``summary.json`` it finishes with, so that benchmark harnesses compare methods like for like.
 
 The pieces in between live with their layers: the run folder in :mod:`zoact_edge.rundir`, the batch
-stream in :mod:`zoact_edge.data.stream`, the optimizer and schedule in :mod:`zoact_edge.zo.schedule`,
+stream in :mod:`zoact_edge.data.datasets`, the optimizer and schedule in :mod:`zoact_edge.zo.schedule`,
 the memory yardstick in :mod:`zoact_edge.profiling.meter`.
 """
 

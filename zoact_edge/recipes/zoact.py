@@ -27,7 +27,7 @@ from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
-from ..data.stream import batch_indices, collated, sample_indices
+from ..data.datasets import batch_indices, sample_indices
 from ..data.tasks import scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
@@ -224,5 +224,5 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, opt_state: dict, res
 
 def _calibration_batches(cfg, task, train: list, device) -> list:
     idx = sample_indices(len(train), min(cfg.calib_samples, len(train)), cfg.seed, 0xCA11B)
-    # in training batches: calibration then peaks no higher than a ZO step
-    return collated(task, [train[i] for i in idx], cfg.batch_size, device)
+    bs = cfg.batch_size  # the training batch: calibration then peaks no higher than a ZO step
+    return [task.collate([train[i] for i in idx[s:s + bs]]).to(device) for s in range(0, len(idx), bs)]
