@@ -50,6 +50,8 @@ def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
+    if cfg.method == "fo-lora":  # refused before any forward, like every other setting that cannot run
+        tgt.check_rank(found, cfg.rank)
     check_batch_fits(model.config, found, cfg, device)
     yardstick = Yardstick.measure(model, task, splits.train[:cfg.batch_size], cfg.max_length, device)
 
@@ -63,7 +65,6 @@ def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t
         params = mezo_params(model, names)  # refuses 4/8-bit weights with a clear message
         buffers: list[torch.Tensor] = []
     else:
-        tgt.check_rank(found, cfg.rank)
         peft_model = add_lora_model(model, names, cfg.rank)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         optimizer = make_optimizer(params, cfg)

@@ -27,8 +27,8 @@ from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
-from ..data.datasets import batch_indices, sample_indices
-from ..data.tasks import scored_mask
+from ..data.datasets import batch_indices
+from ..data.tasks import sampled_batches, scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
 from ..profiling.fit import check_batch_fits
@@ -42,6 +42,7 @@ from ..zo.schedule import lr_factor, make_optimizer, set_lr
 from .harness import Inputs, fmt_metrics, run_costs, run_summary
 
 log = logging.getLogger(__name__)
+CALIBRATION_TAG = 0xCA11B  # the calibration examples' draw, apart from every other seeded stream of the run
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -76,8 +77,11 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
             rundir.truncate_metrics(run.path, start_step)
     else:
         t0 = time.time()
+        # in training batches: the calibration pass then peaks no higher than a ZO step
+        batches = sampled_batches(task, splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed, CALIBRATION_TAG,
+                                  device)
         layers = build_adapters(
-            model, _calibration_batches(cfg, task, splits.train, device), cfg.rank,
+            model, batches, cfg.rank,
             "random" if cfg.method == "subspace" else cfg.basis_method, found=found, passes=cfg.basis_passes,
             seed=cfg.seed, dtype=dtype, device=device, groups=groups, energies=energies,
             token_mask=scored_mask if cfg.calib_tokens == "scored" else None,
@@ -221,8 +225,3 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, opt_state: dict, res
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"--resume {resume}: the checkpoint's optimizer state does not fit this run ({e})") from None
 
-
-def _calibration_batches(cfg, task, train: list, device) -> list:
-    idx = sample_indices(len(train), min(cfg.calib_samples, len(train)), cfg.seed, 0xCA11B)
-    bs = cfg.batch_size  # the training batch: calibration then peaks no higher than a ZO step
-    return [task.collate([train[i] for i in idx[s:s + bs]]).to(device) for s in range(0, len(idx), bs)]
