@@ -212,7 +212,7 @@ def test_method_refusals(model_dirs, tmp_path, capsys):
 
 def test_lr_default_depends_on_the_method():
     from zoact_edge.config import DEFAULT_LR, TuneConfig
-    from zoact_edge.recipes.harness import make_optimizer
+    from zoact_edge.zo.schedule import make_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert make_optimizer(p, TuneConfig()).param_groups[0]["lr"] == DEFAULT_LR["zoact"] == 1e-3

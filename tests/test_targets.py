@@ -5,8 +5,9 @@ from conftest import make_model
 
 from zoact_edge.adapters.targets import find_targets
 from zoact_edge.config import TuneConfig
+from zoact_edge.data.datasets import batch_indices
 from zoact_edge.errors import UserError
-from zoact_edge.recipes.harness import batch_indices, lr_factor
+from zoact_edge.zo.schedule import lr_factor
 
 
 def test_default_targets_are_all_block_linears(tokenizer):

@@ -36,8 +36,8 @@ from zoact_edge.config import TuneConfig  # noqa: E402
 from zoact_edge.data.tasks import build_task  # noqa: E402
 from zoact_edge.models import load_model  # noqa: E402
 from zoact_edge.onnx.ort_engine import build_ort_loss  # noqa: E402
-from zoact_edge.recipes.harness import make_optimizer  # noqa: E402
 from zoact_edge.zo.estimator import derive_seed, zo_step  # noqa: E402
+from zoact_edge.zo.schedule import make_optimizer  # noqa: E402
 
 
 def step_times(args) -> dict:

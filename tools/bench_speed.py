@@ -36,9 +36,9 @@ def worker(spec: dict) -> dict:
     from zoact_edge.adapters import targets as tgt
     from zoact_edge.adapters.build import build_adapters
     from zoact_edge.config import TuneConfig
+    from zoact_edge.data.datasets import batch_indices
     from zoact_edge.data.tasks import build_task, hidden_states
     from zoact_edge.models import load_model
-    from zoact_edge.recipes.harness import batch_indices
     from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
     from zoact_edge.zo.estimator import derive_seed, zo_step
 

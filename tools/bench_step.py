@@ -30,10 +30,10 @@ import torch
 from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.build import build_adapters
 from zoact_edge.config import TuneConfig
+from zoact_edge.data.datasets import batch_indices
 from zoact_edge.data.tasks import build_task, hidden_states
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.recipes.harness import batch_indices
 from zoact_edge.zo.distributed import payload_bytes
 from zoact_edge.zo.estimator import apply_update, estimate_batches
 from zoact_edge.zo.prefix import PrefixCache, adapted_blocks, make_loss_terms

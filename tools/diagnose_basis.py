@@ -38,10 +38,10 @@ from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.adapters.subspace import input_groups, random_bases
 from zoact_edge.config import TuneConfig
-from zoact_edge.data.tasks import build_task, hidden_states, scored_mask
+from zoact_edge.data.tasks import build_task, hidden_states, sampled_batches, scored_mask
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
-from zoact_edge.recipes.zoact import _calibration_batches
+from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.zo.estimator import derive_seed
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     found = tgt.find_targets(model)
     modules = {t.name: model.get_submodule(t.name) for t in found}
     d_in = {t.name: t.d_in for t in found}
-    calib = _calibration_batches(cfg, task, splits.train, torch.device("cpu"))
+    calib = sampled_batches(task, splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed, CALIBRATION_TAG,
+                            torch.device("cpu"))
 
     def fwd(b):
         with torch.inference_mode():

@@ -139,7 +139,9 @@ class TuneConfig:
     max_bad_steps: int = opt(10, "abort after this many consecutive non-finite losses (fewer in short runs: "
                                  "at most half the steps left)")
 
-    def validate(self) -> None:
+    def validate(self, resume: str | None = None) -> None:
+        """Refuse values out of range and options that do not go together; ``resume``: the run folder ``tune
+        --resume`` continues, if any (only zoact and subspace runs resume)."""
         checks = [
             (self.steps >= 0, "--steps must be >= 0"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
@@ -182,10 +184,18 @@ class TuneConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: choose one of "
                                 f"{', '.join(map(str, choices))}")
-        self._check_combinations()
+        self._check_combinations(resume)
 
-    def _check_combinations(self) -> None:
+    def _check_combinations(self, resume: str | None) -> None:
         """Options that are valid alone but not together: refused before anything is loaded or written."""
+        if resume and self.method == "calibrate":
+            raise UserError("--resume: calibrate runs take no steps, so there is nothing to resume")
+        if resume and self.method in ("mezo", "fo-lora"):
+            raise UserError(f"--resume: {self.method} runs are baselines and are not resumable (only zoact and "
+                            f"subspace are)")
+        if resume and self.resample_every:
+            raise UserError("--resample-every runs need --backend torch and cannot be resumed (the folded weights "
+                            "are not checkpointed)")
         if self.method in ("mezo", "fo-lora"):  # the baselines: a plain step in one process
             unsupported = [
                 flag
@@ -234,12 +244,17 @@ class TuneConfig:
 
     @property
     def load_bits(self) -> int:
-        """The precision the torch model is loaded at: --backend ort exports fp32 and quantizes the graph itself."""
-        return 32 if self.backend == "ort" else self.bits
+        """The precision the torch model is loaded at: --backend ort (zoact, subspace) exports fp32 and quantizes the
+        graph itself."""
+        return 32 if self.backend == "ort" and self.method in ("zoact", "subspace") else self.bits
 
     def fused_step(self, default: bool) -> bool:
         """Whether a step fuses its +/- forwards: --fused, else the device's default (torch backend only)."""
         return self.fused if self.fused is not None else (default and self.backend == "torch")
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the record of step ``step`` (1-based) carries a validation evaluation (--eval-every)."""
+        return bool(self.eval_every) and step % self.eval_every == 0 and step < self.steps
 
     def adapter_dtype_on(self, device_type: str) -> str:
         """--adapter-dtype, with auto resolved: fp32 on CPU and on the ORT backend, fp16 on a GPU."""

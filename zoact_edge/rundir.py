@@ -185,6 +185,11 @@ class RunDir:
         shutil.rmtree(old, ignore_errors=True)
         os.close(self._fds.pop(0))  # the old run's lock went with it
 
+    def write_json(self, name: str, obj) -> None:
+        """``obj`` as the run's file ``name`` (indented JSON), written atomically."""
+        with atomic_write(self.path / name) as f:
+            json.dump(obj, f, indent=2)
+
     # ---- the end
     def last_good(self) -> str:
         step = _checkpoint_step(self.path)
@@ -233,8 +238,10 @@ def _writable(folder: Path, what: str) -> None:
         raise UserError(f"{what}: {folder} is not a writable folder")
 
 
-def claim(output: str, overwrite: bool) -> RunDir:
-    """The folder for a new run (``--output``), claimed and locked before anything is loaded."""
+def claim(output: str | None, task: str, overwrite: bool) -> RunDir:
+    """The folder for a new run (``--output``, else ``runs/<task>-<date>-<time>``), claimed and locked before
+    anything is loaded."""
+    output = output or f"runs/{task}-{datetime.now():%Y%m%d-%H%M%S}"
     final = Path(output)
     what = f"--output {output}"
     if final.exists() and not final.is_dir():
@@ -248,7 +255,7 @@ def claim(output: str, overwrite: bool) -> RunDir:
         try:
             final.mkdir(parents=True)
         except FileExistsError:  # another run created it just now: start over (the lock decides)
-            return claim(output, overwrite)
+            return claim(output, task, overwrite)
         except OSError as e:
             raise UserError(f"{what}: cannot create it: {e.strerror}") from None
         fd = lock(final, what)
@@ -306,3 +313,19 @@ def claim_existing(folder: str, what: str) -> RunDir:
         os.close(fd)
         raise
     return RunDir(final, final, [fd], fresh=False, made=[])
+
+
+def truncate_metrics(folder: Path, step: int) -> None:
+    """Drop the run log's records past ``step`` (the checkpoint resumed from): a resumed run's log reads as one run."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from a killed run
+    with atomic_write(path) as f:
+        f.write("".join(l + "\n" for l in keep))

@@ -1,4 +1,5 @@
-"""Datasets: the embedded Rotten Tomatoes task and users' CSV / JSONL files.
+"""Datasets: the embedded Rotten Tomatoes task and users' CSV / JSONL files, split once, and the order in
+which a run reads the training split (:func:`batch_indices`, :func:`sample_indices`).
 
 Everything is read into plain Python lists of small dataclasses. The datasets this toolkit
 targets (thousands of sentences) fit in memory many times over, and plain lists keep splits,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import io
 import json
 import random
@@ -20,7 +22,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
+from ..seeds import derive_seed
 
 SPLITS = ("train", "validation", "test")
 
@@ -73,6 +78,27 @@ def split_fractions(items: list, val_frac: float = 0.1, test_frac: float = 0.1) 
     n_val = max(1, round(n * val_frac))
     n_test = round(n * test_frac)
     return split_fixed(items, n_val=n_val, n_test=n_test)
+
+
+# --------------------------------------------------------------------------- the training stream
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch))
+    return tuple(torch.randperm(n, generator=gen).tolist())
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The training examples of ``step``: epochs of seeded permutations, read as one long stream."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in positions]
+
+
+def sample_indices(n: int, count: int, seed: int, tag: int) -> list[int]:
+    """``count`` (at most ``n``) distinct indices below ``n``, drawn from the seeded stream ``tag``."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, tag))
+    return torch.randperm(n, generator=gen)[:count].tolist()
 
 
 # --------------------------------------------------------------------------- Rotten Tomatoes

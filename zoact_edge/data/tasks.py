@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .datasets import ClassificationExample, CompletionExample, TextExample
+from .datasets import ClassificationExample, CompletionExample, TextExample, sample_indices
 
 
 @dataclass
@@ -282,6 +282,14 @@ TASKS = ("rotten-tomatoes", "tweets", "classification", "lm", "completion")
 RT_TEMPLATE = "Review: {text}\nSentiment: It was"
 RT_WORDS = ("terrible", "great")  # label 0 = negative (rotten), 1 = positive (fresh)
 TWEETS_TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive):"  # words = the label names
+
+
+def sampled_batches(task, examples: list, count: int, batch_size: int, seed: int, tag: int, device) -> list[Batch]:
+    """``count`` of ``examples`` (all, if fewer) drawn from the seeded stream ``tag``, as batches of ``batch_size``
+    on ``device``: the examples of a calibration pass."""
+    idx = sample_indices(len(examples), min(count, len(examples)), seed, tag)
+    return [task.collate([examples[i] for i in idx[s:s + batch_size]]).to(device)
+            for s in range(0, len(idx), batch_size)]
 
 
 def parse_labels(spec: str) -> tuple[list[str], list[str]]:

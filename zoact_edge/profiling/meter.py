@@ -2,11 +2,14 @@
 
 :class:`Meter` takes a process's baseline and phase peaks (CPU RSS with the high-water mark reset,
 Linux ``/proc/self/clear_refs``; on CUDA the allocator's peaks). Every recipe measures one inference
-forward of its longest batch first (:func:`inference_peak`), so its summary can state the tuning peak
-as a multiple of inference (:func:`tune_peak_summary`), measured as ``profile`` measures it.
+forward of its longest batch first (:class:`Yardstick`, :func:`inference_peak`), so its summary can
+state the tuning peak as a multiple of inference (:func:`tune_peak_summary`), measured as ``profile``
+measures it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -132,6 +135,28 @@ def tune_peak_summary(tuning: dict, inference: dict, shape) -> dict:
     return {"tune_peak_bytes": peak, "inference_peak_bytes": base, "inference_probe_shape": list(shape),
             "peak_ratio_to_inference": round(peak / base, 4) if base else None,
             "eval_peak_bytes": max(evals) if evals else None, "tune_phase_peaks": phases}
+
+
+@dataclass
+class Yardstick:
+    """One inference forward of the longest batch the run can see (batch_size x max_length), measured
+    before the run; then the run's own meter starts. The summary states the run's peak against it."""
+
+    probe: Batch
+    inference: dict
+    meter: Meter
+
+    @classmethod
+    def measure(cls, model, task, examples: list, max_length: int, device) -> "Yardstick":
+        """Measure on ``examples`` (one training batch) padded to ``max_length``, then start the run's meter."""
+        probe = padded_to(task, task.collate(examples).to(device), max_length)
+        inference = inference_peak(model, task, probe, device)
+        meter = Meter(device)
+        meter.start()
+        return cls(probe, inference, meter)
+
+    def summary(self, last_phase: str | None = None) -> dict:
+        return tune_peak_summary(self.meter.stop(last_phase), self.inference, self.probe.input_ids.shape)
 
 
 def describe_tune_peak(summary: dict) -> str | None:

@@ -26,38 +26,34 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import rundir
 from ..adapters import targets as tgt
 from ..config import TuneConfig
+from ..data.datasets import batch_indices
 from ..data.evaluate import evaluate
 from ..errors import UserError
 from ..memory import release_free_memory
 from ..paths import atomic_save_file, file_mode
 from ..profiling.fit import check_batch_fits
+from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
 from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
+from ..zo.schedule import lr_factor, make_optimizer, set_lr
 from . import harness
 
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
 
 
-def tune_baseline(cfg: TuneConfig) -> dict:
-    t_start = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"--method {cfg.method} runs in one process; torchrun is for zoact and subspace")
-    with harness.claim_output(cfg) as run:  # owned and locked; removed again if the run fails
-        summary = _tune_baseline(cfg, run, t_start)
-    summary["output"] = str(run.final)
-    return summary
-
-
-def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
+def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder; returns the summary (``tune`` writes it)."""
     # ---- setup
-    inputs = harness.load_inputs(cfg)
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     names = [t.name for t in found]
+    if cfg.method == "fo-lora":  # refused before any forward, like every other setting that cannot run
+        tgt.check_rank(found, cfg.rank)
     check_batch_fits(model.config, found, cfg, device)
-    yardstick = harness.measure_yardstick(cfg, inputs)
+    yardstick = Yardstick.measure(model, task, splits.train[:cfg.batch_size], cfg.max_length, device)
 
     def run_eval(desc, examples=inputs.eval_set):
         model.eval()
@@ -69,15 +65,13 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
         params = mezo_params(model, names)  # refuses 4/8-bit weights with a clear message
         buffers: list[torch.Tensor] = []
     else:
-        tgt.check_rank(found, cfg.rank)
         peft_model = add_lora_model(model, names, cfg.rank)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
-        optimizer = harness.make_optimizer(params, cfg)
+        optimizer = make_optimizer(params, cfg)
     trainable = sum(p.numel() for p in params)
     model.eval()  # no dropout: the comparison is about the optimizer, not regularisation
     zero_shot = run_eval("zero-shot eval")
     out = run.path
-    harness.write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
 
     # ---- loop
     per_step = FORWARDS_PER_STEP[cfg.method]
@@ -85,9 +79,9 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
     bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
     with open(out / "metrics.jsonl", "a") as metrics:
         for step in bar:
-            idx = harness.batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
+            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
             batch = task.collate([splits.train[i] for i in idx]).to(device)
-            lr = cfg.lr * harness.lr_factor(step, cfg)
+            lr = cfg.lr * lr_factor(step, cfg)
             record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
             if cfg.method == "mezo":
                 def loss_fn():
@@ -98,7 +92,7 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
                 loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
                 record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
             else:
-                harness.set_lr(optimizer, lr)
+                set_lr(optimizer, lr)
                 loss = backprop_step(lambda: task.loss(model, batch), optimizer)
                 record.update(loss=loss, skipped=False)
             record["time"] = round(time.time() - t_start, 3)
@@ -107,7 +101,7 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
                     f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else "")
                 )
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-            if harness.evaluating_now(cfg, step + 1):
+            if cfg.evaluates_at(step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
                 bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
             metrics.write(json.dumps(record) + "\n")
@@ -127,8 +121,6 @@ def _tune_baseline(cfg: TuneConfig, run, t_start: float) -> dict:
         cfg, zero_shot, final, test, forwards_per_step=per_step, trainable_params=trainable, adapted_layers=len(names),
         basis_seconds=0.0, costs=harness.run_costs(loop_seconds, cfg.steps, t_start), device=device, fused=False,
         examples_per_step=cfg.batch_size, peaks=yardstick.summary())
-    harness.write_json(out / "summary.json", summary)
-    run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary
 
 

@@ -27,13 +27,15 @@ import time
 
 import torch
 
+from .. import rundir
 from ..config import TuneConfig
+from ..data.datasets import sample_indices
 from ..data.evaluate import evaluate
 from ..data.tasks import ClassificationTask
 from ..errors import UserError
 from ..paths import atomic_write
-from ..seeds import derive_seed
-from .harness import claim_output, load_inputs, measure_yardstick, run_costs, write_json
+from ..profiling.meter import Yardstick
+from .harness import Inputs, run_costs
 
 CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stream of the run
 
@@ -66,29 +68,19 @@ def fitted_bias(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100) ->
     return (b - b.mean()).detach()
 
 
-def tune_calibrate(cfg: TuneConfig) -> dict:
-    t_start = time.time()
-    with claim_output(cfg) as run:  # owned and locked; removed again if the run fails
-        summary = _tune_calibrate(cfg, run, t_start)
-    summary["output"] = str(run.final)
-    return summary
-
-
-def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
-    out = run.path
-    inputs = load_inputs(cfg)
+def tune_calibrate(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder; returns the summary (``tune`` writes it)."""
     model, device, task, splits, eval_set = inputs.model, inputs.device, inputs.task, inputs.splits, inputs.eval_set
     if not isinstance(task, ClassificationTask):
         raise UserError(f"--method calibrate is for classification tasks, not --task {cfg.task}")
-    yardstick = measure_yardstick(cfg, inputs)
+    yardstick = Yardstick.measure(model, task, splits.train[:cfg.batch_size], cfg.max_length, device)
 
     def run_eval(desc, examples=eval_set, bias=None):
         return evaluate(model, task, examples, cfg.eval_batch_size, device, desc=desc, logit_bias=bias)
 
     zero_shot = run_eval("zero-shot eval")
     n = min(cfg.calib_samples, len(splits.train))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, CALIBRATE_TAG))
-    idx = torch.randperm(len(splits.train), generator=gen)[:n].tolist()
+    idx = sample_indices(len(splits.train), n, cfg.seed, CALIBRATE_TAG)
     t_loop = time.time()
     chosen = [splits.train[i] for i in idx]
     logits = label_logits(model, task, chosen, cfg.batch_size, device)
@@ -98,11 +90,10 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
     tuned = run_eval("calibrated eval", bias=bias)
     uniform_metrics = run_eval("uniform-prior eval", bias=uniform)
     test = run_eval("test eval", splits.test, bias) if cfg.test_eval else None
-    write_json(out / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
-    with atomic_write(out / "metrics.jsonl"):  # no steps: an empty log
+    with atomic_write(run.path / "metrics.jsonl"):  # no steps: an empty log
         pass
-    write_json(
-        out / "calibration.json",
+    run.write_json(
+        "calibration.json",
         {
             "label_words": task.label_words,
             "logit_bias": bias.tolist(),
@@ -123,6 +114,4 @@ def _tune_calibrate(cfg: TuneConfig, run, t_start: float) -> dict:
         **run_costs(loop_seconds, batches, t_start),
         **yardstick.summary(),
     }
-    write_json(out / "summary.json", summary)
-    run.commit()  # complete: an --overwrite run replaces the old one only now
     return summary

@@ -1,42 +1,23 @@
-"""The run harness every recipe shares: the output folder, loading, the memory yardstick, the batch
-stream, schedule and optimizer, the run log and the summary.
+"""What every recipe shares at its two ends: the inputs it starts from (model, task, splits) and the
+``summary.json`` it finishes with, so that benchmark harnesses compare methods like for like.
 
-A recipe reads as setup -> loop -> finish; everything here is what two recipes would otherwise each
-write: the same batches (:func:`batch_indices`), the same ``metrics.jsonl`` records and the same
-``summary.json`` cost fields, so that benchmark harnesses compare methods like for like.
+The pieces in between live with their layers: the run folder in :mod:`zoact_edge.rundir`, the batch
+stream in :mod:`zoact_edge.data.datasets`, the optimizer and schedule in :mod:`zoact_edge.zo.schedule`,
+the memory yardstick in :mod:`zoact_edge.profiling.meter`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
 import torch
 
-from .. import rundir
 from ..config import TuneConfig
 from ..data.tasks import build_task
 from ..memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes
 from ..models import Loaded, load_model
-from ..paths import atomic_write
-from ..profiling.meter import Meter, describe_tune_peak, inference_peak, padded_to, tune_peak_summary
-from ..seeds import derive_seed
-
-
-def claim_output(cfg: TuneConfig) -> rundir.RunDir:
-    """The new run's folder, owned and locked before anything is loaded (see ``rundir``)."""
-    return rundir.claim(cfg.output or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}", cfg.overwrite)
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
-
+from ..profiling.meter import describe_tune_peak
 
 # --------------------------------------------------------------------------- setup
 
@@ -59,95 +40,11 @@ class Inputs:
         return self.loaded.device
 
 
-def load_inputs(cfg: TuneConfig, bits: int | None = None) -> Inputs:
-    """The model (at ``bits``, default ``cfg.bits``), the task, its splits and the validation examples."""
-    loaded = load_model(
-        cfg.model, cfg.bits if bits is None else bits, cfg.quant_type, cfg.device, cfg.trust_remote_code
-    )
+def load_inputs(cfg: TuneConfig) -> Inputs:
+    """The model (at ``cfg.load_bits``), the task, its splits and the validation examples."""
+    loaded = load_model(cfg.model, cfg.load_bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     task, splits = build_task(cfg, loaded.tokenizer)
     return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None])
-
-
-@dataclass
-class Yardstick:
-    """One inference forward of the longest batch the run can see (batch_size x max_length), measured
-    before the run; then the run's own meter starts. The summary states the run's peak against it."""
-
-    probe: object
-    inference: dict
-    meter: Meter
-
-    def summary(self, last_phase: str | None = None) -> dict:
-        return tune_peak_summary(self.meter.stop(last_phase), self.inference, self.probe.input_ids.shape)
-
-
-def measure_yardstick(cfg: TuneConfig, inputs: Inputs) -> Yardstick:
-    task, device = inputs.task, inputs.device
-    probe = padded_to(task, task.collate(inputs.splits.train[: cfg.batch_size]).to(device), cfg.max_length)
-    inference = inference_peak(inputs.model, task, probe, device)
-    meter = Meter(device)
-    meter.start()
-    return Yardstick(probe, inference, meter)
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def lr_factor(step: int, cfg: TuneConfig) -> float:
-    """Warmup then constant / linear decay / cosine decay, as a pure function of the step."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    if cfg.schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
-    gen = torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch))
-    return tuple(torch.randperm(n, generator=gen).tolist())
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Examples for ``step``: epochs of seeded permutations, read as one long stream."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in positions]
-
-
-def make_optimizer(params, cfg: TuneConfig) -> torch.optim.Optimizer:
-    cfg = cfg.resolved()  # the method's default lr when --lr was not given
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def evaluating_now(cfg: TuneConfig, step: int) -> bool:
-    """Whether the record of step ``step`` (1-based) carries a validation evaluation."""
-    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the checkpoint so a resumed run's log reads as one clean run."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a killed run
-    with atomic_write(path) as f:
-        f.write("".join(l + "\n" for l in keep))
 
 
 # --------------------------------------------------------------------------- finish

@@ -1,6 +1,6 @@
 """The ZO-Act recipe (``--method zoact``, and ``subspace``, its random-basis ablation), top to bottom.
 
-setup:  load model -> build task -> pick target layers -> one-shot bases (or resume) -> adapters
+setup:  (the model and task, loaded by ``tune``) -> pick target layers -> one-shot bases (or resume) -> adapters
         -> loss engine (torch or ONNX Runtime) -> zero-shot eval
 loop:   ZO steps (forward pairs only, under inference mode), checkpoints, periodic evals
 finish: final eval -> PEFT adapter + checkpoint + summary.
@@ -27,55 +27,31 @@ from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
-from ..data.tasks import scored_mask
+from ..data.datasets import batch_indices
+from ..data.tasks import sampled_batches, scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
 from ..profiling.fit import check_batch_fits
+from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
 from ..zo import distributed, perturb
 from ..zo.engine import LossEngine, TorchEngine
 from ..zo.estimator import fused_by_default
 from ..zo.prefix import PrefixCache
-from .harness import (
-    Inputs,
-    batch_indices,
-    claim_output,
-    evaluating_now,
-    fmt_metrics,
-    load_inputs,
-    lr_factor,
-    make_optimizer,
-    measure_yardstick,
-    run_costs,
-    run_summary,
-    set_lr,
-    truncate_metrics,
-    write_json,
-)
+from ..zo.schedule import lr_factor, make_optimizer, set_lr
+from .harness import Inputs, fmt_metrics, run_costs, run_summary
 
 log = logging.getLogger(__name__)
+CALIBRATION_TAG = 0xCA11B  # the calibration examples' draw, apart from every other seeded stream of the run
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def tune_zoact(cfg: TuneConfig, resume: str | None = None) -> dict:
-    t_start = time.time()
-    if cfg.resample_every and resume:
-        raise UserError("--resample-every runs need --backend torch and cannot be resumed (the folded weights are not "
-                        "checkpointed)")
-    ranks = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank; else rank 0 of 1
-    if cfg.backend != "torch" and ranks.active:
-        raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {cfg.backend})")
-    if not ranks.is_main:  # never writes: every write below is main-rank only
-        return _tune(cfg, resume, None, ranks, t_start)
-    with rundir.claim_existing(resume, f"--resume {resume}") if resume else claim_output(cfg) as run:
-        return _tune(cfg, resume, run, ranks, t_start)
-
-
-def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks, t_start: float) -> dict:
-    """The run itself; ``run`` is the claimed output folder (None on the ranks that do not write)."""
+def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks: distributed.Ranks,
+               resume: str | None, t_start: float) -> dict:
+    """The run on ``inputs`` in ``run``'s folder (None on the ranks that do not write); returns the summary
+    (``tune`` writes it)."""
     main = ranks.is_main  # only the main rank writes files
-    # ---- setup: model, task, targets; refuse a batch that cannot fit before any forward
-    inputs = load_inputs(cfg, cfg.load_bits)
+    # ---- setup: targets; refuse a batch that cannot fit before any forward
     model, device, task, splits = inputs.model, inputs.device, inputs.task, inputs.splits
     found = tgt.find_targets(model, cfg.targets, cfg.layers)
     tgt.check_rank(found, cfg.rank)
@@ -84,7 +60,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
     pairs = cfg.queries if cfg.fuse_queries else 1  # rows held per example beyond the default step
     check_batch_fits(model.config, found, cfg, device, pairs if default else (2 * pairs if fused else 1))
     dtype = DTYPES[cfg.adapter_dtype_on(device.type)]
-    yardstick = measure_yardstick(cfg, inputs)
+    yardstick = Yardstick.measure(model, task, splits.train[:cfg.batch_size], cfg.max_length, device)
 
     # ---- adapters: fresh bases, or everything from the checkpoint
     energies: dict = {}  # each activation basis column's energy (--perturb whiten)
@@ -98,11 +74,14 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
         perturb.apply(layers, perturb.from_state(state.get("z_scales")))
         if main:
-            truncate_metrics(run.path / "metrics.jsonl", start_step)
+            rundir.truncate_metrics(run.path, start_step)
     else:
         t0 = time.time()
+        # in training batches: the calibration pass then peaks no higher than a ZO step
+        batches = sampled_batches(task, splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed, CALIBRATION_TAG,
+                                  device)
         layers = build_adapters(
-            model, _calibration_batches(cfg, task, splits.train, device), cfg.rank,
+            model, batches, cfg.rank,
             "random" if cfg.method == "subspace" else cfg.basis_method, found=found, passes=cfg.basis_passes,
             seed=cfg.seed, dtype=dtype, device=device, groups=groups, energies=energies,
             token_mask=scored_mask if cfg.calib_tokens == "scored" else None,
@@ -124,8 +103,6 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         zero_shot = run_eval("zero-shot eval")
         yardstick.meter.split("zero-shot eval")
         start_step, opt_state = 0, None
-        if main:
-            write_json(run.path / "run_config.json", {**cfg.to_dict(), "model_folder": inputs.loaded.folder})
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
@@ -185,7 +162,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
             else:
                 bad_in_a_row = 0
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2g}")
-            if evaluating_now(cfg, step + 1):
+            if cfg.evaluates_at(step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
                 bar.write(f"step {step + 1}: {fmt_metrics(record['eval'])}")
             metrics.write(json.dumps(record) + "\n")
@@ -209,10 +186,7 @@ def _tune(cfg: TuneConfig, resume: str | None, run: rundir.RunDir | None, ranks,
         adapted_layers=len(order), basis_seconds=basis_seconds, costs=costs, device=device, fused=fused,
         examples_per_step=per_rank * ranks.world_size, peaks=yardstick.summary("final eval"),
         **({"prefix_cache": cache.stats()} if cache is not None else {}), eval_batch_size=cfg.eval_batch_size)
-    if main:
-        write_json(run.path / "summary.json", summary)
     distributed.shutdown(ranks)
-    summary["output"] = str(run.path) if main else f"written by rank 0 (this is rank {ranks.rank})"
     return summary
 
 
@@ -251,10 +225,3 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, opt_state: dict, res
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"--resume {resume}: the checkpoint's optimizer state does not fit this run ({e})") from None
 
-
-def _calibration_batches(cfg, task, train: list, device) -> list:
-    n = min(cfg.calib_samples, len(train))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0xCA11B))
-    idx = torch.randperm(len(train), generator=gen)[:n].tolist()
-    bs = cfg.batch_size  # the training batch: calibration then peaks no higher than a ZO step
-    return [task.collate([train[i] for i in idx[s:s + bs]]).to(device) for s in range(0, n, bs)]
