@@ -34,8 +34,10 @@ from zoact_edge.adapters.build import build_adapters
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.evaluate import evaluate
 from zoact_edge.paths import atomic_write
-from zoact_edge.recipes.harness import batch_indices, load_inputs
-from zoact_edge.recipes.zoact import _calibration_batches
+from zoact_edge.data.datasets import batch_indices
+from zoact_edge.data.tasks import sampled_batches
+from zoact_edge.recipes.harness import load_inputs
+from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.seeds import derive_seed
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -62,7 +64,8 @@ def train(name: str, task_name: str, seed: int, budget: int, batch_size: int, ev
     inputs = load_inputs(cfg)
     model, task, train_set, device = inputs.model, inputs.task, inputs.splits.train, inputs.device
     model.requires_grad_(False)
-    layers = build_adapters(model, _calibration_batches(cfg, task, train_set, device), rank, basis, seed=seed)
+    calib = sampled_batches(task, train_set, cfg.calib_samples, cfg.batch_size, seed, CALIBRATION_TAG, device)
+    layers = build_adapters(model, calib, rank, basis, seed=seed)  # the bases tune computes
     params = [layer.B for layer in layers.values()]
     for p in params:
         p.requires_grad_(True)
