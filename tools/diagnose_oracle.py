@@ -42,10 +42,10 @@ import torch
 
 from zoact_edge.adapters.build import build_adapters
 from zoact_edge.config import TuneConfig
-from zoact_edge.data.evaluate import evaluate
-from zoact_edge.paths import atomic_write
 from zoact_edge.data.datasets import batch_indices
+from zoact_edge.data.evaluate import evaluate
 from zoact_edge.data.tasks import sampled_batches
+from zoact_edge.paths import atomic_write
 from zoact_edge.recipes.harness import load_inputs
 from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.seeds import derive_seed
