@@ -124,3 +124,45 @@ def test_sweep_table_marks_the_chosen_setting_per_method():
     assert zoact.endswith("| lr 0.0005: 0.660; lr 0.001: 0.710; lr 0.002: 0.690 "
                           "| **lr 0.001, eps 0.0001: 0.720**; lr 0.001, eps 0.001: 0.710; lr 0.001, eps 0.01: 0.600 |")
     assert fo_lora.endswith("| **lr 0.001: 0.800**; lr 0.005: 0.700 | — |")
+
+
+def test_oracle_per_example_directions_equal_separate_single_example_forwards(model_dirs):
+    """tools/diagnose_oracle.py's forward-only estimate: one grouped forward of the batch stacked twice gives
+    example i's loss at B + eps Z_i and B - eps Z_i; checked against each example run alone under set_noise."""
+    import diagnose_oracle
+    import torch
+
+    from zoact_edge.adapters.build import build_adapters
+    from zoact_edge.config import TuneConfig
+    from zoact_edge.recipes.harness import load_inputs
+    from zoact_edge.seeds import derive_seed
+
+    cfg = TuneConfig(model=str(model_dirs["llama"]), rank=4, max_length=24, batch_size=3)
+    inputs = load_inputs(cfg)
+    model, task, train = inputs.model, inputs.task, inputs.splits.train
+    calib = [task.collate(train[:4]), task.collate(train[4:8])]
+    layers = list(build_adapters(model, calib, 4, "auto").values())
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:  # a non-zero B, so the estimate is not taken at the zero-shot point only
+        layer.B.data = 1e-2 * torch.randn(layer.B.shape, generator=gen)
+    batch = task.collate(train[:3])
+    loss, grads = diagnose_oracle.per_example_estimate(model, task, batch, layers, seed=7, step=2)
+
+    eps, n = diagnose_oracle.EPS, 3
+    seeds = [derive_seed(7, diagnose_oracle.SEED_TAG, 2, i) for i in range(n)]
+    alone = {}
+    for sign in (1, -1):
+        for i in range(n):
+            one = task.collate(train[i:i + 1])
+            for j, layer in enumerate(layers):
+                layer.set_noise(derive_seed(seeds[i], j), sign * eps)
+            with torch.no_grad():
+                alone[sign, i] = float(task.loss(model, one))
+            for layer in layers:
+                layer.set_noise(None)
+    c = [(alone[1, i] - alone[-1, i]) / (2 * eps) for i in range(n)]
+    for j, (layer, g) in enumerate(zip(layers, grads)):
+        expect = sum(ci * layer.direction(derive_seed(s, j)) for ci, s in zip(c, seeds)) / n
+        assert torch.allclose(g, expect, rtol=1e-3, atol=1e-3 * float(expect.abs().max()))
+    assert loss == pytest.approx(sum(alone[1, i] + alone[-1, i] for i in range(n)) / (2 * n), rel=1e-5)
+    assert all(layer.noise_groups is None for layer in layers)  # nothing left perturbed

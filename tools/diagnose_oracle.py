@@ -11,7 +11,6 @@ then the coefficients B are trained on the comparison's batch stream and budget 
   estimator of ``tune`` without its eps error. 150 steps, the same count as ``tune``. With
   ``queries`` q > 1 the step averages q such estimates, all from the one gradient: what q forward
   pairs per step would tell ZO-Act (exactly), at no extra forward here.
-
 - ``zo-per-example`` (forward-only, no autograd): a lead, not the method. One forward of the
   batch stacked twice, each example under its own direction: example i's row reads B + eps Z_i in
   the first copy and B - eps Z_i in the second (the layers' grouped forward, the one the fused
@@ -19,7 +18,7 @@ then the coefficients B are trained on the comparison's batch stream and budget 
   instead of one, at the forward cost of ``tune``'s fused step. The update averages c_i Z_i.
   Full-weight MeZO cannot do this without N copies of the weights; an adapter's low-rank path can.
 
-With the plain ZO-Act run of the same seed, this splits the gap to backprop in two: the subspace
+With the plain ZO-Act run of the same seed, this splits the gap to backprop into its parts: the subspace
 (``fo`` on the activation basis against ``fo-lora``), the finite difference (``zo-exact`` against
 ``tune``), and what is left, one scalar of information per step.
 
