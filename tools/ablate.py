@@ -90,7 +90,7 @@ def _same(r: dict, name: str, task: str, seed: int, args) -> bool:
         name, task, seed, args.budget, args.batch_size, args.eval_samples)
 
 
-def _locked_update(path: Path, change) -> dict:
+def locked_update(path: Path, change) -> dict:
     """Read-modify-write of the results file under an exclusive lock; the write is atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
@@ -107,7 +107,7 @@ def ablate(args) -> None:
     path = Path(args.output)
     for name in args.runs.split(","):
         method, settings = RUNS[name]
-        done = _locked_update(path, lambda d: None)["records"]
+        done = locked_update(path, lambda d: None)["records"]
         if any(_same(r, name, args.task, args.seed, args) for r in done):
             continue
         # run_one counts a step as FORWARDS_PER_STEP[method] forwards; with several queries the
@@ -118,7 +118,7 @@ def ablate(args) -> None:
         fps = forwards_per_step(method, settings)
         rec = run_one(method, args.task, args.seed, args.budget * 2 // fps, args.points, settings, args, test=False)
         rec.update(name=name, budget=args.budget)
-        _locked_update(path, lambda d: d["records"].append(rec))
+        locked_update(path, lambda d: d["records"].append(rec))
         curve = " ".join(f"{a:.3f}" for _, a in rec["curve"])
         print(f"{args.task} {name}: val {rec['val_accuracy']:.3f} loss {rec['val_loss']:.3f} [{curve}] "
               f"({rec['wall_seconds']:.0f} s)", flush=True)

@@ -38,6 +38,7 @@ from zoact_edge.adapters import targets as tgt
 from zoact_edge.adapters.basis import BasisConfig, compute_bases
 from zoact_edge.adapters.subspace import input_groups, random_bases
 from zoact_edge.config import TuneConfig
+from zoact_edge.data.datasets import sample_indices
 from zoact_edge.data.tasks import build_task, hidden_states, sampled_batches, scored_mask
 from zoact_edge.models import load_model
 from zoact_edge.paths import atomic_write
@@ -190,8 +191,7 @@ def main(argv=None) -> None:
     groups = input_groups(modules, lambda: fwd(calib[0]))
     bases["random"] = random_bases(groups, d_in, cfg.rank, cfg.seed)
 
-    gen = torch.Generator().manual_seed(derive_seed(args.seed, GRAD_TAG))
-    idx = torch.randperm(len(splits.train), generator=gen)[: args.grad_samples].tolist()
+    idx = sample_indices(len(splits.train), args.grad_samples, args.seed, GRAD_TAG)
     grads = true_gradients(model, task, [splits.train[i] for i in idx], [t.name for t in found])
     print("gradients done", file=sys.stderr, flush=True)
 

@@ -31,7 +31,6 @@ Records are appended as runs finish; a run already in the file is skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -44,10 +43,12 @@ from zoact_edge.config import TuneConfig
 from zoact_edge.data.datasets import batch_indices
 from zoact_edge.data.evaluate import evaluate
 from zoact_edge.data.tasks import sampled_batches
-from zoact_edge.paths import atomic_write
 from zoact_edge.recipes.harness import load_inputs
 from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.seeds import derive_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 PATH = RESULTS / "diagnose_oracle.json"
@@ -108,7 +109,7 @@ def train(name: str, task_name: str, seed: int, budget: int, batch_size: int, ev
     optimizer = torch.optim.Adam(params, lr=lr)
     steps = budget // 3 if mode == "fo" else budget // 2
     with torch.no_grad():
-        zero_shot = evaluate(model, task, inputs.eval_set, 16, device, desc="zero-shot")
+        zero_shot = evaluate(model, task, inputs.eval_set, cfg.eval_batch_size, device, desc="zero-shot")
     t0 = time.time()
     losses = []
     for step in range(steps):
@@ -135,7 +136,7 @@ def train(name: str, task_name: str, seed: int, budget: int, batch_size: int, ev
         if (step + 1) % 25 == 0:
             print(f"{name} step {step + 1}/{steps} train loss (last 25) {sum(losses[-25:]) / 25:.4f}", flush=True)
     with torch.no_grad():
-        tuned = evaluate(model, task, inputs.eval_set, 16, device, desc="tuned")
+        tuned = evaluate(model, task, inputs.eval_set, cfg.eval_batch_size, device, desc="tuned")
     return {"name": name, "mode": mode, "basis": "activation" if basis == "auto" else basis, "rank": rank, "lr": lr,
             "queries": batch_size if mode == "zo-per-example" else queries,  # directions per step
             "task": task_name, "seed": seed, "forwards": budget, "steps": steps, "batch_size": batch_size,
@@ -160,16 +161,13 @@ def main(argv=None) -> None:
         sys.exit(f"unknown run(s): {', '.join(unknown)} (choose from {', '.join(RUNS)})")
     path = Path(args.output)
     for name in args.runs.split(","):
-        data = json.loads(path.read_text()) if path.exists() else {"records": []}
         key = (name, args.task, args.seed, args.budget, args.batch_size, args.eval_samples)
+        done = locked_update(path, lambda d: None)["records"]
         if any((r["name"], r["task"], r["seed"], r["forwards"], r["batch_size"], r["eval_samples"]) == key
-               for r in data["records"]):
+               for r in done):
             continue
         rec = train(name, args.task, args.seed, args.budget, args.batch_size, args.eval_samples)
-        data = json.loads(path.read_text()) if path.exists() else {"records": []}
-        data["records"].append(rec)
-        with atomic_write(path) as f:
-            f.write(json.dumps(data, indent=1))
+        locked_update(path, lambda d: d["records"].append(rec))  # queues may run side by side
         print(f"{args.task} {name}: val {rec['val_accuracy']:.3f} loss {rec['val_loss']:.3f} "
               f"(zero-shot {rec['zero_shot_val_accuracy']:.3f}; {rec['seconds']:.0f} s)", flush=True)
 

@@ -300,7 +300,7 @@ def oracle_table(oracle: dict, conv: dict | None) -> str:
                 if (r["task"], r["seed"], r["eval_samples"]) == (task, seed, zs["eval_samples"])]
         prior = next((r["val_loss"] for r in same if r["method"] == "calibrate"), None)
 
-        def share(loss: float) -> str:
+        def vs_prior(loss: float) -> str:
             return "—" if prior is None else f"{loss - prior:+.3f}"
 
         rows.append(f"| {task} | {seed} | zero-shot | 0 | {zs['zero_shot_val_accuracy']:.3f} | {z_loss:.3f} | — |")
@@ -311,10 +311,11 @@ def oracle_table(oracle: dict, conv: dict | None) -> str:
                    "zo-per-example": f"per-example ZO directions (forward-only, {q} per forward pair)"}[r["mode"]]
             how += f", {r['basis']} basis r={r['rank']}, Adam lr {r['lr']:g}"
             rows.append(f"| {task} | {seed} | {how} | {r['forwards']} | {r['val_accuracy']:.3f} | "
-                        f"{r['val_loss']:.3f} | {share(r['val_loss'])} |")
+                        f"{r['val_loss']:.3f} | {vs_prior(r['val_loss'])} |")
         for r in sorted(same, key=lambda r: METHODS.index(r["method"]) if r["method"] in METHODS else 99):
             rows.append(f"| {task} | {seed} | `tune --method {r['method']}` ({_label(r['settings'])}) | "
-                        f"{r['forwards']} | {r['val_accuracy']:.3f} | {r['val_loss']:.3f} | {share(r['val_loss'])} |")
+                        f"{r['forwards']} | {r['val_accuracy']:.3f} | {r['val_loss']:.3f} | "
+                        f"{vs_prior(r['val_loss'])} |")
     return "\n".join(rows)
 
 
