@@ -166,3 +166,43 @@ def test_oracle_per_example_directions_equal_separate_single_example_forwards(mo
         assert torch.allclose(g, expect, rtol=1e-3, atol=1e-3 * float(expect.abs().max()))
     assert loss == pytest.approx(sum(alone[1, i] + alone[-1, i] for i in range(n)) / (2 * n), rel=1e-5)
     assert all(layer.noise_groups is None for layer in layers)  # nothing left perturbed
+
+
+def test_curvature_probe_equals_autograd_directional_derivatives(model_dirs):
+    """tools/diagnose_curvature.py's forward-only probe: the first and second differences along the method's
+    own direction equal <g, z> and z^T H z from autograd (fp64 tiny GPT-2), for ZO-Act's B and MeZO's weights."""
+    import diagnose_curvature
+    import torch
+
+    from zoact_edge.config import TuneConfig
+    from zoact_edge.recipes.harness import load_inputs
+
+    cfg = TuneConfig(model=str(model_dirs["gpt2"]), max_length=24, batch_size=4, calib_samples=8)
+    for name in ("zoact-r1", "mezo"):
+        inputs = load_inputs(cfg)
+        space = diagnose_curvature.build_space(name, cfg, inputs)
+        model, task = inputs.model.double(), inputs.task
+        model.set_attn_implementation("eager")  # torch's fused CPU attention has no second derivative
+        if name != "mezo":  # away from B = 0, where the adapter's curvature has a special form
+            gen = torch.Generator().manual_seed(1)
+            for t in space.tensors:
+                t.data = 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        batch = task.collate(inputs.splits.train[:4])
+        dirs = space.draw(5)
+        for t in space.tensors:
+            t.requires_grad_(True)
+        grads = torch.autograd.grad(task.loss(model, batch), space.tensors, create_graph=True)
+        gz = sum((g * z).sum() for g, z in zip(grads, dirs))
+        zhz = sum(float((h * z).sum()) for h, z in zip(torch.autograd.grad(gz, space.tensors), dirs))
+        for t in space.tensors:
+            t.requires_grad_(False)
+        before = [t.clone() for t in space.tensors]
+
+        def loss():
+            with torch.no_grad():
+                return float(task.loss(model, batch))
+
+        first, second = diagnose_curvature.probe(loss, space, dirs, 1e-5, loss())
+        assert first == pytest.approx(float(gz.detach()), rel=1e-5)
+        assert second == pytest.approx(zhz, rel=1e-4)
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(space.tensors, before))

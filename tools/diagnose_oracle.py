@@ -67,6 +67,8 @@ RUNS = {
     "zo-exact-q16-act-r16-lr1e-3": ("zo-exact", "auto", 16, 1e-3, 16),
     "zo-exact-q128-act-r16-lr1e-3": ("zo-exact", "auto", 16, 1e-3, 128),
     "zo-per-example-act-r16-lr1e-3": ("zo-per-example", "auto", 16, 1e-3, 0),
+    "zo-per-example-act-r16-lr2e-3": ("zo-per-example", "auto", 16, 2e-3, 0),
+    "zo-per-example-act-r16-lr4e-3": ("zo-per-example", "auto", 16, 4e-3, 0),
 }
 EPS = 1e-3  # zo-per-example's perturbation size: tune's default
 

@@ -11,7 +11,9 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/ablations.json``: the runs of ``tools/ablate.py``;
 * ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``;
 * ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
-  exact one-query ZO), beside the comparison's runs of the same task and seed.
+  exact one-query ZO), beside the comparison's runs of the same task and seed;
+* ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
+  curvature per searched space).
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
+from diagnose_curvature import curvature_rms  # noqa: E402
 
 from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
 
@@ -40,6 +43,7 @@ BBEGIN, BEND = "<!-- budget:begin -->", "<!-- budget:end -->"
 QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
 OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
+KBEGIN, KEND = "<!-- curvature:begin -->", "<!-- curvature:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -160,9 +164,16 @@ def convergence_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def _why(recs: list[dict], oracle: dict | None, basis: dict | None) -> str:
-    """The diagnostics' reading, when both are committed: the basis holds the gradient and backprop on
-    ZO-Act's own coefficients learns the task, so what is missing is information per forward."""
+def _per_curvature(curv: dict | None, space: str) -> float | None:
+    """||g||^2 / rms(z^T H z) of ``space`` at the tuned point on rotten-tomatoes, probed at eps 1e-3."""
+    recs = [r for r in (curv or {}).get("records", []) if (r["space"], r["at"], r["eps"]) == (space, "tuned", 1e-3)]
+    return recs[0]["grad_sq"] / curvature_rms(recs[0]) if recs else None
+
+
+def _why(recs: list[dict], oracle: dict | None, basis: dict | None, curv: dict | None = None) -> str:
+    """The diagnostics' reading, when they are committed: the basis holds the gradient and backprop on
+    ZO-Act's own coefficients learns the task, but the basis holds the curvature as well, so one query
+    gains about as much in it as in MeZO's or a random subspace's."""
     fo = [r for r in (oracle or {}).get("records", []) if r["mode"] == "fo" and r["basis"] == "activation"
           and r["rank"] == 16]
     if not fo or not basis:
@@ -172,14 +183,22 @@ def _why(recs: list[dict], oracle: dict | None, basis: dict | None) -> str:
     same = [r for r in recs if r["method"] == REFERENCE and (r["task"], r["seed"], r["eval_samples"], r["forwards"])
             == (best["task"], best["seed"], best["eval_samples"], best["forwards"])]
     zo = f"; ZO-Act {100 * same[0]['val_accuracy']:.1f}%" if same else ""
-    return (f" Why: the rank-16 activation basis holds {100 * min(held):.0f}–{100 * max(held):.0f}% of each layer's "
+    text = (f" Why: the rank-16 activation basis holds {100 * min(held):.0f}–{100 * max(held):.0f}% of each layer's "
             f"gradient, and backprop on ZO-Act's own coefficients (P frozen) reaches {100 * best['val_accuracy']:.1f}% "
             f"on {best['task']} validation (seed {best['seed']}, {best['forwards']} forwards{zo}): the subspace is "
-            f"right, and one two-point query per step carries too little of the gradient to get much past the label "
-            f"prior at this budget.")
+            f"right.")
+    ratios = {s: _per_curvature(curv, s) for s in ("zoact-r16", "mezo", "subspace-r16")}
+    if None in ratios.values():
+        return text + (" But one two-point query per step carries too little of the gradient to get much past the "
+                       "label prior at this budget.")
+    return text + (f" But it holds the curvature too: the gradient energy per unit of curvature a random direction "
+                   f"meets is {ratios['zoact-r16']:.3f} in it, {ratios['mezo']:.3f} over MeZO's full weights and "
+                   f"{ratios['subspace-r16']:.3f} in a random rank-16 subspace (tuned point, rotten-tomatoes). The "
+                   f"directions ZO-Act leaves out are flat and carry no gradient, so they cost MeZO nothing, and one "
+                   f"two-point query gains about as much in any of the three spaces.")
 
 
-def standing(data: dict, oracle: dict | None = None, basis: dict | None = None) -> str:
+def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, curv: dict | None = None) -> str:
     """README's one line: ZO-Act's test accuracy against MeZO and backprop LoRA, per task, and a verdict
     that follows from the numbers (a difference inside the mean ± sd spread is not a win)."""
     recs = data.get("records", [])
@@ -210,7 +229,7 @@ def standing(data: dict, oracle: dict | None = None, basis: dict | None = None) 
             f"(test accuracy, mean ± sd over {'/'.join(map(str, seeds))} seeds): " + "; ".join(parts) + ".")
     if lora_gap:
         line += f" Backprop LoRA is ahead by {' and '.join(f'{g:.1f}' for g in lora_gap)} points."
-    line += _why(recs, oracle, basis)
+    line += _why(recs, oracle, basis, curv)
     line += " Details: [docs/results.md](docs/results.md)."
     return "\n".join(textwrap.wrap(line, 110, break_on_hyphens=False))
 
@@ -319,6 +338,27 @@ def oracle_table(oracle: dict, conv: dict | None) -> str:
     return "\n".join(rows)
 
 
+def curvature_table(curv: dict) -> str:
+    """Per searched space: gradient energy and the curvature a random direction meets, each also as a share of
+    MeZO's (full weights, same task, point and probe size), and their ratio."""
+    recs = curv.get("records", [])
+    rows = ["| task | point | space | probe eps | coefficients | ‖g‖² | share of MeZO's | mean tr H ± s.e. | "
+            "rms zᵀHz | share of MeZO's | ‖g‖² / rms zᵀHz | per batch, mean ± sd |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = ["zoact-r16", "zoact-r1", "subspace-r16", "mezo"]
+    for r in sorted(recs, key=lambda r: (r["task"], r["at"] != "tuned", order.index(r["space"]), -r["eps"])):
+        ref = next((m for m in recs if m["space"] == "mezo"
+                    and (m["task"], m["at"], m["eps"]) == (r["task"], r["at"], 1e-3)), None)
+        g_share = "—" if ref is None else f"{r['grad_sq'] / ref['grad_sq']:.3f}"
+        per_batch = [b["grad_sq"] / curvature_rms({**r, "per_batch": [b]}) for b in r["per_batch"]]
+        c_share = "—" if ref is None else f"{curvature_rms(r) / curvature_rms(ref):.3f}"
+        rows.append(f"| {r['task']} | {r['at']} | {r['space']} | {r['eps']:g} | {r['coefficients']:,} | "
+                    f"{r['grad_sq']:.4g} | {g_share} | {r['trace_h']:.4g} ± {r['trace_h_se']:.2g} | "
+                    f"{curvature_rms(r):.4g} | {c_share} | {r['grad_sq'] / curvature_rms(r):.3f} | "
+                    f"{statistics.mean(per_batch):.3f} ± {statistics.stdev(per_batch):.3f} |")
+    return "\n".join(rows)
+
+
 def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"{where} lacks the markers {begin} ... {end}")
@@ -333,16 +373,17 @@ def _load(name: str) -> dict | None:
 
 def main() -> None:
     conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
-    budget, oracle = _load("budget.json"), _load("diagnose_oracle.json")
+    budget, oracle, curv = _load("budget.json"), _load("diagnose_oracle.json"), _load("diagnose_curvature.json")
     blocks = {
         ROOT / "docs" / "results.md": [(BEGIN, END, table())]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])
         + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
-        + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else []),
+        + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
+        + ([(KBEGIN, KEND, curvature_table(curv))] if curv else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
-        + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json")))] if conv else []),
+        + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
     }
     for path, parts in blocks.items():
         old = path.read_text()
