@@ -206,3 +206,26 @@ def test_curvature_probe_equals_autograd_directional_derivatives(model_dirs):
         assert first == pytest.approx(float(gz.detach()), rel=1e-5)
         assert second == pytest.approx(zhz, rel=1e-4)
         assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(space.tensors, before))
+
+
+def test_curvature_parts_restrict_the_direction_and_nothing_else():
+    """``zoact-r16:PART``: the probe direction is the method's own draw with every coefficient outside PART zeroed."""
+    import diagnose_curvature
+    import torch
+
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]
+    tensors = [torch.zeros(5, 16), torch.zeros(7, 16)]
+
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(t.shape, generator=gen) for t in tensors]
+
+    for part, kept in [("col0", [[0], [0]]), ("col4-15", [range(4, 16), range(4, 16)]), ("attn", [range(16), []]),
+                       ("upper", [[], range(16)])]:
+        space = diagnose_curvature.Space(tensors, draw, names)
+        masks = space.restrict(part)
+        for z, full, m, cols in zip(space.draw(3), draw(3), masks, kept):
+            keep = torch.zeros(16, dtype=torch.bool)
+            keep[list(cols)] = True
+            assert torch.equal(z[:, keep], full[:, keep]) and not z[:, ~keep].any()
+            assert torch.equal(m.bool(), keep.expand(m.shape))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import time
@@ -69,11 +70,38 @@ SPACES = {
 }
 
 
+# Parts of the rank-16 activation space (``zoact-r16:PART``): is there a part where a query gains more?
+PARTS = {
+    "col0": lambda name, col: col == 0,  # the top (mean-like) direction of every layer's input
+    "col1-3": lambda name, col: 1 <= col <= 3,
+    "col4-15": lambda name, col: col >= 4,
+    "attn": lambda name, col: name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": lambda name, col: name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"),
+    "lower": lambda name, col: _block(name) < 15,  # the default model's 30 blocks, halved
+    "upper": lambda name, col: _block(name) >= 15,
+}
+
+
+def _block(name: str) -> int:
+    return int(re.search(r"\.(\d+)\.", name).group(1))
+
+
 class Space:
     """The searched tensors and how the method draws a direction in them."""
 
-    def __init__(self, tensors: list[torch.Tensor], draw):
-        self.tensors, self.draw = tensors, draw
+    def __init__(self, tensors: list[torch.Tensor], draw, names: list[str] | None = None):
+        self.tensors, self.draw, self.names = tensors, draw, names
+
+    def restrict(self, part: str) -> list[torch.Tensor]:
+        """0/1 masks (like the tensors) of the coefficients in ``part``, and the draw restricted to them."""
+        keep = PARTS[part]
+        masks = []
+        for name, t in zip(self.names, self.tensors):
+            cols = torch.tensor([float(keep(name, c)) for c in range(t.shape[1])], dtype=t.dtype)
+            masks.append(cols.expand(t.shape).contiguous())
+        draw = self.draw
+        self.draw = lambda seed: [z * m for z, m in zip(draw(seed), masks)]
+        return masks
 
     @torch.no_grad()
     def shift(self, dirs: list[torch.Tensor], scale: float) -> None:
@@ -100,9 +128,10 @@ def build_space(name: str, cfg: TuneConfig, inputs) -> Space:
         return Space(weights, lambda seed: [noise_like(w, derive_seed(seed, i)) for i, w in enumerate(weights)])
     calib = sampled_batches(task, inputs.splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed,
                             CALIBRATION_TAG, inputs.device)
-    layers = list(build_adapters(model, calib, rank, basis, seed=cfg.seed).values())  # the bases tune computes
+    built = build_adapters(model, calib, rank, basis, seed=cfg.seed)  # the bases tune computes
+    layers = list(built.values())
     return Space([layer.B for layer in layers],
-                 lambda seed: [layer.direction(derive_seed(seed, i)) for i, layer in enumerate(layers)])
+                 lambda seed: [layer.direction(derive_seed(seed, i)) for i, layer in enumerate(layers)], list(built))
 
 
 @torch.no_grad()
@@ -116,12 +145,15 @@ def merge_run(model, run: str) -> None:
 
 def measure(name: str, task_name: str, seed: int, batches: int, probes: int, batch_size: int, at: str | None,
             eps: float | None = None) -> dict:
-    eps = eps or SPACES[name][2]
-    cfg = replace(TuneConfig(), task=task_name, seed=seed, rank=max(SPACES[name][1], 1), batch_size=batch_size)
+    base, _, part = name.partition(":")
+    eps = eps or SPACES[base][2]
+    cfg = replace(TuneConfig(), task=task_name, seed=seed, rank=max(SPACES[base][1], 1), batch_size=batch_size)
     inputs = load_inputs(cfg)
     if at:
         merge_run(inputs.model, at)
-    space = build_space(name, cfg, inputs)
+    space = build_space(base, cfg, inputs)
+    masks = space.restrict(part) if part else None
+    coefficients = int(sum(t.numel() for t in space.tensors) if masks is None else sum(float(m.sum()) for m in masks))
     model, task, train = inputs.model, inputs.task, inputs.splits.train
     t0 = time.time()
 
@@ -135,6 +167,8 @@ def measure(name: str, task_name: str, seed: int, batches: int, probes: int, bat
         for t in space.tensors:
             t.requires_grad_(True)
         grads = torch.autograd.grad(task.loss(model, batch), space.tensors)
+        if masks is not None:
+            grads = [g * m for g, m in zip(grads, masks)]
         for t in space.tensors:
             t.requires_grad_(False)
         g_sq = sum(float(g.double().pow(2).sum()) for g in grads)
@@ -158,7 +192,7 @@ def measure(name: str, task_name: str, seed: int, batches: int, probes: int, bat
     trace = statistics.fmean(p["trace_h"] for p in per_batch)
     return {"space": name, "task": task_name, "seed": seed, "at": "zero-shot" if at is None else "tuned",
             "batch_size": batch_size, "batches": batches,
-            "probes_per_batch": probes, "eps": eps, "coefficients": sum(t.numel() for t in space.tensors),
+            "probes_per_batch": probes, "eps": eps, "coefficients": coefficients,
             "grad_sq": g_sq, "trace_h": trace,
             "trace_h_se": math.sqrt(sum(p["trace_h_se"] ** 2 for p in per_batch)) / batches,
             "per_batch": per_batch, "seconds": round(time.time() - t0, 1)}
@@ -191,12 +225,15 @@ def main(argv=None) -> None:
                         "instead of at the zero-shot model")
     p.add_argument("--output", default=str(PATH))
     args = p.parse_args(argv)
-    unknown = [n for n in args.spaces.split(",") if n not in SPACES]
+    unknown = [n for n in args.spaces.split(",") if n.partition(":")[0] not in SPACES
+               or (n.partition(":")[2] and (n.partition(":")[0] == "mezo" or n.partition(":")[2] not in PARTS))]
     if unknown:
-        sys.exit(f"unknown space(s): {', '.join(unknown)} (choose from {', '.join(SPACES)})")
+        sys.exit(f"unknown space(s): {', '.join(unknown)} (choose from {', '.join(SPACES)}; "
+                 f"an activation or random space may name a part: SPACE:PART, PART one of {', '.join(PARTS)})")
     for name in args.spaces.split(","):
         at = "zero-shot" if args.at is None else "tuned"
-        key = (name, args.task, args.seed, at, args.batches, args.probes, args.batch_size, args.eps or SPACES[name][2])
+        key = (name, args.task, args.seed, at, args.batches, args.probes, args.batch_size,
+               args.eps or SPACES[name.partition(":")[0]][2])
         if any((r["space"], r["task"], r["seed"], r["at"], r["batches"], r["probes_per_batch"], r["batch_size"],
                 r["eps"]) == key
                for r in locked_update(Path(args.output), lambda d: None)["records"]):

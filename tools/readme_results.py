@@ -346,7 +346,8 @@ def curvature_table(curv: dict) -> str:
             "rms zᵀHz | share of MeZO's | ‖g‖² / rms zᵀHz | per batch, mean ± sd |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = ["zoact-r16", "zoact-r1", "subspace-r16", "mezo"]
-    for r in sorted(recs, key=lambda r: (r["task"], r["at"] != "tuned", order.index(r["space"]), -r["eps"])):
+    for r in sorted(recs, key=lambda r: (r["task"], r["at"] != "tuned", order.index(r["space"].partition(":")[0]),
+                                         r["space"], -r["eps"])):
         ref = next((m for m in recs if m["space"] == "mezo"
                     and (m["task"], m["at"], m["eps"]) == (r["task"], r["at"], 1e-3)), None)
         g_share = "—" if ref is None else f"{r['grad_sq'] / ref['grad_sq']:.3f}"
