@@ -12,6 +12,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``;
 * ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
   exact one-query ZO), beside the comparison's runs of the same task and seed;
+* ``docs/results/seeds-default.json``: the default commands at other seeds (``tools/record_runs.py``),
+  under the default-run table;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space).
 
@@ -71,7 +73,19 @@ def table() -> str:
             f"| {_mib(s.get('peak_rss_bytes'))} "
             f"| {s.get('code', '')} {s.get('note', '')} |"
         )
-    return "\n".join(rows)
+    seeds = (_load("seeds-default.json") or {}).get("records", [])
+    for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
+        z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
+        rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
+                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {s['note']} |")
+    rows.append("")
+    for bits in sorted({s["bits"] for s in seeds}, reverse=True):
+        runs = [s for s in _defaults() if s["bits"] == bits] + [s for s in seeds if s["bits"] == bits]
+        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
+        rows.append(f"{bits}-bit over seeds 0–{len(runs) - 1} (seed 0 is the default run): "
+                    f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
+                    f"({', '.join(f'{g:+.1f}' for g in gains)}).")
+    return "\n".join(rows).rstrip()
 
 
 def quickstart() -> str:
@@ -166,7 +180,8 @@ def convergence_table(data: dict) -> str:
 
 def _per_curvature(curv: dict | None, space: str) -> float | None:
     """||g||^2 / rms(z^T H z) of ``space`` at the tuned point on rotten-tomatoes, probed at eps 1e-3."""
-    recs = [r for r in (curv or {}).get("records", []) if (r["space"], r["at"], r["eps"]) == (space, "tuned", 1e-3)]
+    recs = [r for r in (curv or {}).get("records", [])
+            if (r["task"], r["space"], r["at"], r["eps"]) == ("rotten-tomatoes", space, "tuned", 1e-3)]
     return recs[0]["grad_sq"] / curvature_rms(recs[0]) if recs else None
 
 
