@@ -211,6 +211,35 @@ def curvature_rms(record: dict) -> float:
     return math.sqrt(total / len(record["per_batch"]))
 
 
+def per_curvature(curv: dict | None, space: str) -> float | None:
+    """||g||^2 / rms(z^T H z) of ``space`` at the tuned point on rotten-tomatoes, probed at eps 1e-3."""
+    recs = [r for r in (curv or {}).get("records", [])
+            if (r["task"], r["space"], r["at"], r["eps"]) == ("rotten-tomatoes", space, "tuned", 1e-3)]
+    return recs[0]["grad_sq"] / curvature_rms(recs[0]) if recs else None
+
+
+def curvature_table(curv: dict) -> str:
+    """Per searched space: gradient energy and the curvature a random direction meets, each also as a share of
+    MeZO's (full weights, same task, point and probe size), and their ratio."""
+    recs = curv.get("records", [])
+    rows = ["| task | point | space | probe eps | coefficients | ‖g‖² | share of MeZO's | mean tr H ± s.e. | "
+            "rms zᵀHz | share of MeZO's | ‖g‖² / rms zᵀHz | per batch, mean ± sd |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = ["zoact-r16", "zoact-r1", "subspace-r16", "mezo"]
+    for r in sorted(recs, key=lambda r: (r["task"], r["at"] != "tuned", order.index(r["space"].partition(":")[0]),
+                                         r["space"], -r["eps"])):
+        ref = next((m for m in recs if m["space"] == "mezo"
+                    and (m["task"], m["at"], m["eps"]) == (r["task"], r["at"], 1e-3)), None)
+        g_share = "—" if ref is None else f"{r['grad_sq'] / ref['grad_sq']:.3f}"
+        per_batch = [b["grad_sq"] / curvature_rms({**r, "per_batch": [b]}) for b in r["per_batch"]]
+        c_share = "—" if ref is None else f"{curvature_rms(r) / curvature_rms(ref):.3f}"
+        rows.append(f"| {r['task']} | {r['at']} | {r['space']} | {r['eps']:g} | {r['coefficients']:,} | "
+                    f"{r['grad_sq']:.4g} | {g_share} | {r['trace_h']:.4g} ± {r['trace_h_se']:.2g} | "
+                    f"{curvature_rms(r):.4g} | {c_share} | {r['grad_sq'] / curvature_rms(r):.3f} | "
+                    f"{statistics.mean(per_batch):.3f} ± {statistics.stdev(per_batch):.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spaces", default=",".join(SPACES), help=f"comma-separated, of: {', '.join(SPACES)}")

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
-from diagnose_curvature import curvature_rms  # noqa: E402
+from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 
 from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
 
@@ -178,13 +178,6 @@ def convergence_table(data: dict) -> str:
     return "\n".join(rows)
 
 
-def _per_curvature(curv: dict | None, space: str) -> float | None:
-    """||g||^2 / rms(z^T H z) of ``space`` at the tuned point on rotten-tomatoes, probed at eps 1e-3."""
-    recs = [r for r in (curv or {}).get("records", [])
-            if (r["task"], r["space"], r["at"], r["eps"]) == ("rotten-tomatoes", space, "tuned", 1e-3)]
-    return recs[0]["grad_sq"] / curvature_rms(recs[0]) if recs else None
-
-
 def _why(recs: list[dict], oracle: dict | None, basis: dict | None, curv: dict | None = None) -> str:
     """The diagnostics' reading, when they are committed: the basis holds the gradient and backprop on
     ZO-Act's own coefficients learns the task, but the basis holds the curvature as well, so one query
@@ -202,7 +195,7 @@ def _why(recs: list[dict], oracle: dict | None, basis: dict | None, curv: dict |
             f"gradient, and backprop on ZO-Act's own coefficients (P frozen) reaches {100 * best['val_accuracy']:.1f}% "
             f"on {best['task']} validation (seed {best['seed']}, {best['forwards']} forwards{zo}): the subspace is "
             f"right.")
-    ratios = {s: _per_curvature(curv, s) for s in ("zoact-r16", "mezo", "subspace-r16")}
+    ratios = {s: per_curvature(curv, s) for s in ("zoact-r16", "mezo", "subspace-r16")}
     if None in ratios.values():
         return text + (" But one two-point query per step carries too little of the gradient to get much past the "
                        "label prior at this budget.")
@@ -350,28 +343,6 @@ def oracle_table(oracle: dict, conv: dict | None) -> str:
             rows.append(f"| {task} | {seed} | `tune --method {r['method']}` ({_label(r['settings'])}) | "
                         f"{r['forwards']} | {r['val_accuracy']:.3f} | {r['val_loss']:.3f} | "
                         f"{vs_prior(r['val_loss'])} |")
-    return "\n".join(rows)
-
-
-def curvature_table(curv: dict) -> str:
-    """Per searched space: gradient energy and the curvature a random direction meets, each also as a share of
-    MeZO's (full weights, same task, point and probe size), and their ratio."""
-    recs = curv.get("records", [])
-    rows = ["| task | point | space | probe eps | coefficients | ‖g‖² | share of MeZO's | mean tr H ± s.e. | "
-            "rms zᵀHz | share of MeZO's | ‖g‖² / rms zᵀHz | per batch, mean ± sd |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["zoact-r16", "zoact-r1", "subspace-r16", "mezo"]
-    for r in sorted(recs, key=lambda r: (r["task"], r["at"] != "tuned", order.index(r["space"].partition(":")[0]),
-                                         r["space"], -r["eps"])):
-        ref = next((m for m in recs if m["space"] == "mezo"
-                    and (m["task"], m["at"], m["eps"]) == (r["task"], r["at"], 1e-3)), None)
-        g_share = "—" if ref is None else f"{r['grad_sq'] / ref['grad_sq']:.3f}"
-        per_batch = [b["grad_sq"] / curvature_rms({**r, "per_batch": [b]}) for b in r["per_batch"]]
-        c_share = "—" if ref is None else f"{curvature_rms(r) / curvature_rms(ref):.3f}"
-        rows.append(f"| {r['task']} | {r['at']} | {r['space']} | {r['eps']:g} | {r['coefficients']:,} | "
-                    f"{r['grad_sq']:.4g} | {g_share} | {r['trace_h']:.4g} ± {r['trace_h_se']:.2g} | "
-                    f"{curvature_rms(r):.4g} | {c_share} | {r['grad_sq'] / curvature_rms(r):.3f} | "
-                    f"{statistics.mean(per_batch):.3f} ± {statistics.stdev(per_batch):.3f} |")
     return "\n".join(rows)
 
 
