@@ -1,14 +1,15 @@
-"""Record finished ``zoact-edge tune`` runs of the default command at other seeds, for docs/results.md.
+"""Record finished ``zoact-edge tune`` runs beside the default ones, for docs/results.md.
 
 The default runs (``docs/results/default-*.json``) are seed 0, the run a user gets. This file holds the
-same commands at other seeds, so the tables can say how much of a default run's gain is that seed's luck:
+same commands at other seeds, so the tables can say how much of a default run's gain is that seed's luck,
+and single probes of other settings of the same command:
 
     zoact-edge tune --bits 4 --seed 1 --output runs/bits4-s1       # (and --seed 2; fp32 likewise)
     python tools/record_runs.py runs/bits4-s1 runs/bits4-s2 --note "two at a time, one thread each"
     python tools/readme_results.py
 
-Each record is the run's ``summary.json`` plus its seed, its command and the note. A run already in the
-file (same seed and bits) is replaced.
+Each record is the run's ``summary.json`` plus its seed, the command that reproduces it (every option
+that differs from the defaults) and the note. A run already in the file (same command) is replaced.
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
+from zoact_edge.config import TuneConfig  # noqa: E402
+
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds-default.json"
+WHERE = ("output", "overwrite", "model_folder")  # where a run was written, not what it ran
 
 
 def record(run: Path, note: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "run_config.json").read_text())
-    command = "zoact-edge tune" + (f" --bits {config['bits']}" if config["bits"] != 32 else "")
-    return {**summary, "seed": config["seed"], "command": f"{command} --seed {config['seed']}", "note": note}
+    defaults = TuneConfig().resolved().to_dict()
+    options = []
+    for key, value in config.items():
+        if key in defaults and key not in WHERE and value != defaults[key]:
+            flag = "--" + key.replace("_", "-")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            options.append(flag if value is True else f"{flag} {shown}")
+    return {**summary, "seed": config["seed"], "command": " ".join(["zoact-edge tune", *options]), "note": note}
 
 
 def main(argv=None) -> None:
@@ -40,8 +50,8 @@ def main(argv=None) -> None:
     new = [record(Path(r), args.note) for r in args.runs]
 
     def change(data: dict) -> None:
-        keys = {(r["seed"], r["bits"]) for r in new}
-        data["records"] = [r for r in data["records"] if (r["seed"], r["bits"]) not in keys] + new
+        commands = {r["command"] for r in new}
+        data["records"] = [r for r in data["records"] if r["command"] not in commands] + new
 
     locked_update(Path(args.output), change)
     for r in new:
