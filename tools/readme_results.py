@@ -203,8 +203,8 @@ def _why(recs: list[dict], oracle: dict | None, basis: dict | None, curv: dict |
     return text + (f" But it holds the curvature too: the gradient energy per unit of curvature a random direction "
                    f"meets is {ratios['zoact-r16']:.3f} in it, {ratios['mezo']:.3f} over MeZO's full weights and "
                    f"{ratios['subspace-r16']:.3f} in a random rank-16 subspace (tuned point, rotten-tomatoes). The "
-                   f"directions ZO-Act leaves out are flat and carry no gradient, so they cost MeZO nothing, and one "
-                   f"two-point query gains about as much in any of the three spaces.")
+                   f"directions ZO-Act leaves out are flat and carry little of the gradient, so they cost MeZO little, "
+                   f"and one two-point query gains about as much in any of the three spaces.")
 
 
 def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, curv: dict | None = None) -> str:
