@@ -48,13 +48,14 @@ import torch
 from zoact_edge.adapters.build import build_adapters
 from zoact_edge.adapters.files import load_checkpoint
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.adapters.targets import find_targets
+from zoact_edge.adapters.targets import find_targets, is_conv1d
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.datasets import batch_indices
 from zoact_edge.data.tasks import sampled_batches
 from zoact_edge.recipes.harness import load_inputs
 from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.seeds import derive_seed
+from zoact_edge.zo.baselines import mezo_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
@@ -124,7 +125,7 @@ def build_space(name: str, cfg: TuneConfig, inputs) -> Space:
     model, task = inputs.model, inputs.task
     model.requires_grad_(False)
     if basis is None:  # MeZO: the targeted linears' full weights, z ~ N(0, I) as mezo_step draws it
-        weights = [model.get_submodule(t.name).weight for t in find_targets(model, cfg.targets, cfg.layers)]
+        weights = mezo_params(model, [t.name for t in find_targets(model, cfg.targets, cfg.layers)])
         return Space(weights, lambda seed: [noise_like(w, derive_seed(seed, i)) for i, w in enumerate(weights)])
     calib = sampled_batches(task, inputs.splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed,
                             CALIBRATION_TAG, inputs.device)
@@ -139,8 +140,11 @@ def merge_run(model, run: str) -> None:
     """Fold a finished fp32 run's update B P^T into the weights: the point where the spaces are compared."""
     _, P, B, _ = load_checkpoint(Path(run))
     for name, b in B.items():
-        w = model.get_submodule(name).weight
-        w.add_((b.double() @ P[name].double().T).to(w.dtype))
+        module = model.get_submodule(name)
+        delta = b.double() @ P[name].double().T
+        if is_conv1d(module):  # GPT-2 stores W transposed (d_in x d_out)
+            delta = delta.T
+        module.weight.add_(delta.to(module.weight.dtype))
 
 
 def measure(name: str, task_name: str, seed: int, batches: int, probes: int, batch_size: int, at: str | None,
@@ -204,11 +208,13 @@ def curvature_rms(record: dict) -> float:
     The size of the curvature one query meets, whatever its sign: the loss is far from convex here (a
     batch's tr H is as often negative as positive), so the trace alone averages to about nothing.
     """
-    n, total = record["probes_per_batch"], 0.0
-    for b in record["per_batch"]:
-        var = (b["trace_h_se"] * math.sqrt(n)) ** 2 * (n - 1) / n  # the probes' variance (1/n form)
-        total += b["trace_h"] ** 2 + var
-    return math.sqrt(total / len(record["per_batch"]))
+    n = record["probes_per_batch"]
+    return math.sqrt(statistics.fmean(_mean_square(b, n) for b in record["per_batch"]))
+
+
+def _mean_square(batch: dict, n: int) -> float:
+    """One batch's mean of (z^T H z)^2 over its n probes: mean^2 plus the probes' variance (1/n form)."""
+    return batch["trace_h"] ** 2 + (batch["trace_h_se"] * math.sqrt(n)) ** 2 * (n - 1) / n
 
 
 def per_curvature(curv: dict | None, space: str) -> float | None:
@@ -231,7 +237,7 @@ def curvature_table(curv: dict) -> str:
         ref = next((m for m in recs if m["space"] == "mezo"
                     and (m["task"], m["at"], m["eps"]) == (r["task"], r["at"], 1e-3)), None)
         g_share = "—" if ref is None else f"{r['grad_sq'] / ref['grad_sq']:.3f}"
-        per_batch = [b["grad_sq"] / curvature_rms({**r, "per_batch": [b]}) for b in r["per_batch"]]
+        per_batch = [b["grad_sq"] / math.sqrt(_mean_square(b, r["probes_per_batch"])) for b in r["per_batch"]]
         c_share = "—" if ref is None else f"{curvature_rms(r) / curvature_rms(ref):.3f}"
         rows.append(f"| {r['task']} | {r['at']} | {r['space']} | {r['eps']:g} | {r['coefficients']:,} | "
                     f"{r['grad_sq']:.4g} | {g_share} | {r['trace_h']:.4g} ± {r['trace_h_se']:.2g} | "
@@ -259,8 +265,8 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"unknown space(s): {', '.join(unknown)} (choose from {', '.join(SPACES)}; "
                  f"an activation or random space may name a part: SPACE:PART, PART one of {', '.join(PARTS)})")
+    at = "zero-shot" if args.at is None else "tuned"
     for name in args.spaces.split(","):
-        at = "zero-shot" if args.at is None else "tuned"
         key = (name, args.task, args.seed, at, args.batches, args.probes, args.batch_size,
                args.eps or SPACES[name.partition(":")[0]][2])
         if any((r["space"], r["task"], r["seed"], r["at"], r["batches"], r["probes_per_batch"], r["batch_size"],

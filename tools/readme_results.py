@@ -79,12 +79,12 @@ def table() -> str:
         rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
                     f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {s['note']} |")
     rows.append("")
-    for bits in sorted({s["bits"] for s in seeds}, reverse=True):
+    for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
         runs = [s for s in _defaults() if s["bits"] == bits] + [
-            s for s in seeds if s["bits"] == bits and set(s["command"].split()[2::2]) <= {"--bits", "--seed"}]
+            s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", "seed"}]
         gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
         rows.append(f"{bits}-bit over seeds 0–{len(runs) - 1} (seed 0 is the default run): "
-                    f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "  # default commands only
+                    f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
                     f"({', '.join(f'{g:+.1f}' for g in gains)}).")
     return "\n".join(rows).rstrip()
 

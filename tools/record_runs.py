@@ -8,8 +8,8 @@ and single probes of other settings of the same command:
     python tools/record_runs.py runs/bits4-s1 runs/bits4-s2 --note "two at a time, one thread each"
     python tools/readme_results.py
 
-Each record is the run's ``summary.json`` plus its seed, the command that reproduces it (every option
-that differs from the defaults) and the note. A run already in the file (same command) is replaced.
+Each record is the run's ``summary.json`` plus its seed, the options that differ from the defaults, the
+command they make and the note. A run already in the file (same command) is replaced.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,14 +32,15 @@ WHERE = ("output", "overwrite", "model_folder")  # where a run was written, not 
 def record(run: Path, note: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "run_config.json").read_text())
-    defaults = TuneConfig().resolved().to_dict()
-    options = []
-    for key, value in config.items():
-        if key in defaults and key not in WHERE and value != defaults[key]:
-            flag = "--" + key.replace("_", "-")
-            shown = f"{value:g}" if isinstance(value, float) else value
-            options.append(flag if value is True else f"{flag} {shown}")
-    return {**summary, "seed": config["seed"], "command": " ".join(["zoact-edge tune", *options]), "note": note}
+    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()  # lr: the method's own default
+    options = {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        shown = f"{value:g}" if isinstance(value, float) else value
+        flags.append(flag if value is True else f"{flag} {shown}")
+    return {**summary, "seed": config["seed"], "options": options, "command": " ".join(["zoact-edge tune", *flags]),
+            "note": note}
 
 
 def main(argv=None) -> None:
