@@ -229,3 +229,60 @@ def test_curvature_parts_restrict_the_direction_and_nothing_else():
             keep[list(cols)] = True
             assert torch.equal(z[:, keep], full[:, keep]) and not z[:, ~keep].any()
             assert torch.equal(m.bool(), keep.expand(m.shape))
+
+
+def test_probe_average_folds_the_running_mean_and_ema_of_the_iterates():
+    import probe_average
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    iterates = [[torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen,
+                                                                                   dtype=torch.float64)]
+                for _ in range(7)]
+    watch = probe_average.Averages(tail_from=3, decay=0.9)
+    for coeffs in iterates:
+        watch.fold(coeffs)
+    for k in range(2):
+        torch.testing.assert_close(watch.tail[k], torch.stack([c[k] for c in iterates[3:]]).mean(0))
+        ema = torch.zeros_like(iterates[0][k])
+        for c in iterates:
+            ema = 0.9 * ema + 0.1 * c[k]
+        torch.testing.assert_close(watch.ema[k], ema)
+    assert (watch.steps, watch.tail_count) == (7, 4)
+
+
+def test_probe_average_at_the_last_iterate_reads_the_runs_own_final_eval(model_dirs, tmp_path, monkeypatch):
+    """A tail of one step and an EMA of decay 0 are the last iterate: both must give the run's tuned metrics."""
+    import probe_average
+
+    from zoact_edge.zo.engine import TorchEngine
+
+    monkeypatch.setattr(TorchEngine, "step", TorchEngine.step)  # undone after the test: install() patches these
+    monkeypatch.setattr(TorchEngine, "evaluate", TorchEngine.evaluate)
+    results = tmp_path / "avg.json"
+    probe_average.main(["--tail-from", "3", "--ema", "0", "--results", str(results), "--",
+                        "--model", str(model_dirs["llama"]), "--steps", "4", "--batch-size", "4", "--calib-samples",
+                        "8", "--rank", "4", "--eval-samples", "16", "--max-length", "24", "--lr", "1e-2", "--eps",
+                        "1e-2", "--output", str(tmp_path / "run")])
+    (rec,) = json.loads(results.read_text())["records"]
+    assert rec["options"][:2] == ["--model", str(model_dirs["llama"])] and "--output" not in rec["options"]
+    assert (rec["applied_steps"], rec["tail_steps"]) == (4, 1)
+    assert rec["tail"] == rec["last"] and rec["ema"] == rec["last"]
+    assert rec["last"] != rec["zero_shot"]
+
+
+def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path):
+    import record_runs
+
+    from zoact_edge.config import TuneConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {**TuneConfig().to_dict(), "bits": 4, "seed": 2, "share_prefix": False, "compensate": True,
+              "lr": 1e-3, "output": "somewhere"}  # lr 1e-3 is zoact's own default: not an option
+    (run / "run_config.json").write_text(json.dumps({**config, "model_folder": "/m"}))
+    (run / "summary.json").write_text(json.dumps({"zero_shot": {"accuracy": 0.5}, "tuned": {"accuracy": 0.6}}))
+    rec = record_runs.record(run, "a note")
+    assert rec["options"] == {"bits": 4, "share_prefix": False, "compensate": True, "seed": 2}
+    assert rec["command"] == "zoact-edge tune --bits 4 --compensate --no-share-prefix --seed 2"
+    assert (rec["seed"], rec["note"], rec["tuned"]) == (2, "a note", {"accuracy": 0.6})

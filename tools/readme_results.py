@@ -15,7 +15,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/seeds-default.json``: the default commands at other seeds (``tools/record_runs.py``),
   under the default-run table;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
-  curvature per searched space).
+  curvature per searched space);
+* ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged).
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
+from probe_average import average_table  # noqa: E402
 
 from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
 
@@ -46,6 +48,7 @@ QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
 OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
 KBEGIN, KEND = "<!-- curvature:begin -->", "<!-- curvature:end -->"
+VBEGIN, VEND = "<!-- average:begin -->", "<!-- average:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -76,16 +79,28 @@ def table() -> str:
     seeds = (_load("seeds-default.json") or {}).get("records", [])
     for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
+        start = s.get("compensation", {}).get("start")  # --compensate: the start after the compensation
+        note = (f"compensated start {start['accuracy']:.3f} / loss {start['loss']:.3f}; " if start else "") + s["note"]
         rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {s['note']} |")
+                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {note} |")
     rows.append("")
+
+    def spread(label: str, runs: list) -> str:
+        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
+        return (f"{label} over seeds {', '.join(str(s.get('seed', 0)) for s in runs)}: "
+                f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
+                f"({', '.join(f'{g:+.1f}' for g in gains)}).")
+
     for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
         runs = [s for s in _defaults() if s["bits"] == bits] + [
             s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", "seed"}]
-        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
-        rows.append(f"{bits}-bit over seeds 0–{len(runs) - 1} (seed 0 is the default run): "
-                    f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
-                    f"({', '.join(f'{g:+.1f}' for g in gains)}).")
+        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", runs))
+    probes: dict = {}  # other commands run at several seeds
+    for s in seeds:
+        probes.setdefault(s["command"].replace(f" --seed {s['seed']}", ""), []).append(s)
+    for command, runs in probes.items():
+        if len(runs) > 1 and not set(runs[0]["options"]) <= {"bits", "seed"}:
+            rows.append(spread(f"`{command}`", sorted(runs, key=lambda r: r["seed"])))
     return "\n".join(rows).rstrip()
 
 
@@ -369,7 +384,8 @@ def main() -> None:
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])
         + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
-        + ([(KBEGIN, KEND, curvature_table(curv))] if curv else []),
+        + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
+        + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
     }

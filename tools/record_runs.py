@@ -38,7 +38,7 @@ def record(run: Path, note: str) -> dict:
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         shown = f"{value:g}" if isinstance(value, float) else value
-        flags.append(flag if value is True else f"{flag} {shown}")
+        flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {shown}")
     return {**summary, "seed": config["seed"], "options": options, "command": " ".join(["zoact-edge tune", *flags]),
             "note": note}
 

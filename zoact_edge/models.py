@@ -23,6 +23,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,6 +100,37 @@ def convert_gguf(path: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
+
+
+def float_tensors(source: str) -> Callable[[str], torch.Tensor | None]:
+    """A reader of ``source``'s own tensors by checkpoint name (None where it has none), one at a time.
+
+    ``source`` is what :func:`resolve_model` returned: a folder, or a hub id in the local cache. Only
+    its ``*.safetensors`` files are read (never pickles), memory-mapped, so a 4-bit run that needs the
+    float weights it was quantized from holds one layer's at a time.
+    """
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception as e:  # huggingface_hub raises several types for "not in the cache"
+            raise UserError(f"cannot read the float weights of {source!r} from the local cache: {_short(e)}") from None
+    index = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            index.update(dict.fromkeys(f.keys(), file))
+
+    def read(name: str) -> torch.Tensor | None:
+        if name not in index:
+            return None
+        with safe_open(index[name], "pt") as f:
+            return f.get_tensor(name)
+
+    return read
 
 
 def _short(e: BaseException) -> str:

@@ -35,6 +35,19 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return not weight.dtype.is_floating_point or type(weight).__name__ in QUANTIZED_WEIGHTS
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the layer computes with it, (d_out, d_in) in fp32: a bitsandbytes 4-bit weight
+    dequantized by bitsandbytes itself, GPT-2's Conv1D transposed. (LLM.int8 weights are not read.)"""
+    w = module.weight
+    if type(w).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    if is_quantized(w):
+        raise UserError(f"cannot read {type(module).__name__} weights as a dense matrix")
+    return (w.T if is_conv1d(module) else w).detach().float()
+
+
 def is_linear_like(module: nn.Module) -> bool:
     # bitsandbytes Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2's Conv1D does not.
     return isinstance(module, nn.Linear) or is_conv1d(module)

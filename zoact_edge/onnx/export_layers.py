@@ -81,8 +81,7 @@ def _bnb_4bit(module) -> FrozenWeight:
     absmax = qs.absmax
     if qs.nested:  # double quantization: the absmax are themselves 8-bit blockwise with an offset
         absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    dense = bnbf.dequantize_4bit(weight.data, qs).float()  # (d_out, d_in): bitsandbytes' own dequantization
-    return FrozenWeight(form=qs.quant_type, weight_t=dense.T.contiguous(),
+    return FrozenWeight(form=qs.quant_type, weight_t=tgt.dense_weight(module).T.contiguous(),
                         packed=weight.data.view(torch.uint8).reshape(-1).cpu().numpy().copy(),
                         absmax=absmax.float().reshape(-1).cpu().numpy().copy(), block_size=int(qs.blocksize))
 
@@ -94,13 +93,9 @@ def frozen_weight(module: nn.Module) -> FrozenWeight:
         raise UserError(INT8_REFUSAL)
     if kind == "Linear4bit":
         return _bnb_4bit(module)
-    if tgt.is_conv1d(module):  # GPT-2 stores W transposed already: (d_in, d_out)
-        weight_t = module.weight.detach().float().contiguous()
-    elif isinstance(module, nn.Linear):
-        weight_t = module.weight.detach().float().T.contiguous()
-    else:
+    if not tgt.is_linear_like(module):
         raise UserError(f"cannot export {kind} layers")
-    return FrozenWeight(form="float", weight_t=weight_t)
+    return FrozenWeight(form="float", weight_t=tgt.dense_weight(module).T.contiguous())
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

@@ -99,6 +99,8 @@ def describe(summary: dict) -> str:
         lines.append(f"validation accuracy: zero-shot {z['accuracy']:.4f} -> tuned {t['accuracy']:.4f} "
                      f"({100 * (t['accuracy'] - z['accuracy']):+.1f} points, {t['examples']} examples)")
     lines.append(f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}")
+    if "compensation" in summary:  # --compensate: the 4-bit rounding undone inside the bases before step 1
+        lines.append(f"compensated start: {fmt_metrics(summary['compensation']['start'])}")
     if "test" in summary:
         lines.append(f"test: {fmt_metrics(summary['test'])} ({summary['test']['examples']} examples)")
     if summary.get("method", "zoact") != "zoact":

@@ -25,12 +25,14 @@ from .. import rundir
 from ..adapters import files as adapter_files
 from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
+from ..adapters.compensate import compensate_rounding
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
 from ..data.datasets import batch_indices
 from ..data.tasks import sampled_batches, scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
+from ..models import float_tensors
 from ..profiling.fit import check_batch_fits
 from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
@@ -72,6 +74,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
             raise UserError(f"--resume {resume}: the checkpoint's layers do not match this model/targets")
         layers = inject_adapters(model, found, P, B, dtype, device)
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
+        compensation = state.get("compensation")  # already in the checkpoint's B
         perturb.apply(layers, perturb.from_state(state.get("z_scales")))
         if main:
             rundir.truncate_metrics(run.path, start_step)
@@ -100,9 +103,14 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         return metrics
 
     if not resume:
-        zero_shot = run_eval("zero-shot eval")
+        zero_shot = run_eval("zero-shot eval")  # the model as loaded: before any compensation
+        start_step, opt_state, compensation = 0, None, None
+        if cfg.compensate:  # --bits 4 only (TuneConfig.validate)
+            count = compensate_rounding(layers, float_tensors(inputs.loaded.folder))
+            compensation = {"layers": count, "start": run_eval("compensated start eval")}  # what it alone did
+            log.info("started %d 4-bit layers' adapters at their rounding error inside the basis: %s", count,
+                     fmt_metrics(compensation["start"]))
         yardstick.meter.split("zero-shot eval")
-        start_step, opt_state = 0, None
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
     optimizer = make_optimizer([l.B for l in order], cfg)
@@ -113,6 +121,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         if not main:
             return
         state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict(),
+                 "compensation": compensation,
                  "z_scales": perturb.to_state(layers)}
         adapter_files.save_checkpoint(run.path, layers, optimizer, state)
         run.commit()  # an --overwrite run replaces the old one at its first checkpoint
@@ -185,7 +194,8 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         trainable_params=sum(l.B.numel() for l in order),
         adapted_layers=len(order), basis_seconds=basis_seconds, costs=costs, device=device, fused=fused,
         examples_per_step=per_rank * ranks.world_size, peaks=yardstick.summary("final eval"),
-        **({"prefix_cache": cache.stats()} if cache is not None else {}), eval_batch_size=cfg.eval_batch_size)
+        **({"prefix_cache": cache.stats()} if cache is not None else {}),
+        **({"compensation": compensation} if compensation else {}), eval_batch_size=cfg.eval_batch_size)
     distributed.shutdown(ranks)
     return summary
 
