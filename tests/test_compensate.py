@@ -64,3 +64,11 @@ def test_compensate_is_refused_where_there_is_no_bitsandbytes_rounding_to_undo(c
     TuneConfig(bits=4, compensate=True).resolved().validate(None)  # the one place it applies
     with pytest.raises(UserError, match="--compensate .* needs --bits 4"):
         TuneConfig(**{"bits": 4, "compensate": True, **change}).resolved().validate(None)
+
+
+def test_checkpoint_names_may_lose_leading_parts_but_never_the_block_index():
+    from zoact_edge.adapters.compensate import _checkpoint_weight
+
+    stored = {"layers.3.mlp.up_proj.weight": "inner", "mlp.up_proj.weight": "another block's"}
+    assert _checkpoint_weight(stored.get, "model.layers.3.mlp.up_proj") == "inner"
+    assert _checkpoint_weight(stored.get, "model.layers.4.mlp.up_proj") is None

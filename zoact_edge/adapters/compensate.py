@@ -39,9 +39,11 @@ def _oriented(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _checkpoint_weight(read: Callable[[str], torch.Tensor | None], name: str) -> torch.Tensor | None:
     """The module's weight by its name, or by the name without leading parts (a checkpoint saved
-    from the inner model: ``model.layers.0...`` may be stored as ``layers.0...``)."""
+    from the inner model: ``model.layers.0...`` may be stored as ``layers.0...``), never cut past the
+    block index (which would name another block's layer)."""
     parts = name.split(".")
-    for k in range(len(parts)):
+    block = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+    for k in range(block + 1):
         w = read(".".join(parts[k:] + ["weight"]))
         if w is not None:
             return w
