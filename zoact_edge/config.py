@@ -96,8 +96,8 @@ class TuneConfig:
     compensate: bool = opt(False, "with --bits 4 (torch backend): start each adapter at its layer's rounding error "
                                   "inside the basis, B = (W - W_4bit) P, W read from the model's float safetensors, "
                                   "so tuning starts nearer the float model; the adapter then belongs to the 4-bit "
-                                  "base. Measured: a better start, a lead inside the seeds' spread after 300 "
-                                  "steps (docs/results.md)")
+                                  "base. Measured after 300 steps: +1.2 points on Rotten Tomatoes (inside the "
+                                  "seeds' spread), +5.4 on tweets (docs/results.md)")
     basis_method: str = opt(
         "auto", "basis estimator: exact gram (d_in^2 memory) or streamed randomized sketch", ["auto", "gram", "sketch"]
     )
