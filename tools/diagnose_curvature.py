@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ import torch
 from zoact_edge.adapters.build import build_adapters
 from zoact_edge.adapters.files import load_checkpoint
 from zoact_edge.adapters.layer import noise_like
-from zoact_edge.adapters.targets import find_targets, is_conv1d
+from zoact_edge.adapters.targets import BLOCK_INDEX, find_targets, is_conv1d
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.datasets import batch_indices
 from zoact_edge.data.tasks import sampled_batches
@@ -84,7 +83,7 @@ PARTS = {
 
 
 def _block(name: str) -> int:
-    return int(re.search(r"\.(\d+)\.", name).group(1))
+    return int(BLOCK_INDEX.search(name).group(1))
 
 
 class Space:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from probe_average import average_table  # noqa: E402
+from record_runs import command  # noqa: E402
 
 from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
 
@@ -95,12 +96,12 @@ def table() -> str:
         runs = [s for s in _defaults() if s["bits"] == bits] + [
             s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", "seed"}]
         rows.append(spread(f"{bits}-bit (seed 0 is the default run)", runs))
-    probes: dict = {}  # other commands run at several seeds
+    probes: dict = {}  # other commands run at several seeds: grouped by their options but the seed
     for s in seeds:
-        probes.setdefault(s["command"].replace(f" --seed {s['seed']}", ""), []).append(s)
-    for command, runs in probes.items():
+        probes.setdefault(command({k: v for k, v in s["options"].items() if k != "seed"}), []).append(s)
+    for line, runs in probes.items():
         if len(runs) > 1 and not set(runs[0]["options"]) <= {"bits", "seed"}:
-            rows.append(spread(f"`{command}`", sorted(runs, key=lambda r: r["seed"])))
+            rows.append(spread(f"`{line}`", sorted(runs, key=lambda r: r["seed"])))
     return "\n".join(rows).rstrip()
 
 

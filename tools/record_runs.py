@@ -29,18 +29,22 @@ PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds-default
 WHERE = ("output", "overwrite", "model_folder")  # where a run was written, not what it ran
 
 
-def record(run: Path, note: str) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
-    config = json.loads((run / "run_config.json").read_text())
-    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()  # lr: the method's own default
-    options = {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
+def command(options: dict) -> str:
+    """The ``zoact-edge tune`` command line of these options (each differing from its default)."""
     flags = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         shown = f"{value:g}" if isinstance(value, float) else value
         flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {shown}")
-    return {**summary, "seed": config["seed"], "options": options, "command": " ".join(["zoact-edge tune", *flags]),
-            "note": note}
+    return " ".join(["zoact-edge tune", *flags])
+
+
+def record(run: Path, note: str) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "run_config.json").read_text())
+    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()  # lr: the method's own default
+    options = {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
+    return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note}
 
 
 def main(argv=None) -> None:

@@ -19,11 +19,7 @@ import torch
 
 from ..errors import UserError
 from .layer import ZOActLinear
-from .targets import dense_weight
-
-
-def is_4bit(layer: ZOActLinear) -> bool:
-    return type(layer.base.weight).__name__ == "Params4bit"
+from .targets import dense_weight, is_4bit
 
 
 def _oriented(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,7 +52,7 @@ def compensate_rounding(layers: dict[str, ZOActLinear], read: Callable[[str], to
     (:func:`zoact_edge.models.float_tensors`); returns how many layers were compensated."""
     count = 0
     for name, layer in layers.items():
-        if not is_4bit(layer):
+        if not is_4bit(layer.base):
             continue
         w = _checkpoint_weight(read, name)
         if w is None:

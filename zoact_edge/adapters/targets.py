@@ -35,11 +35,16 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return not weight.dtype.is_floating_point or type(weight).__name__ in QUANTIZED_WEIGHTS
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer (its weight packed, dequantized at every forward)."""
+    return type(module.weight).__name__ == "Params4bit"
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight as the layer computes with it, (d_out, d_in) in fp32: a bitsandbytes 4-bit weight
     dequantized by bitsandbytes itself, GPT-2's Conv1D transposed. (LLM.int8 weights are not read.)"""
     w = module.weight
-    if type(w).__name__ == "Params4bit":
+    if is_4bit(module):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
