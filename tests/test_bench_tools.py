@@ -271,6 +271,31 @@ def test_probe_average_at_the_last_iterate_reads_the_runs_own_final_eval(model_d
     assert rec["last"] != rec["zero_shot"]
 
 
+def test_diagnose_transfer_reads_each_run_on_its_own_base_as_it_finished(model_dirs, tmp_path):
+    """On the base it was tuned on, an adapter must give its run's own final eval; moved, re-anchoring changes it."""
+    import diagnose_transfer
+
+    from zoact_edge.cli import main
+
+    fast = ["--model", str(model_dirs["llama"]), "--steps", "3", "--batch-size", "4", "--calib-samples", "8",
+            "--rank", "4", "--eval-samples", "16", "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2"]
+    runs = {bits: tmp_path / f"b{bits}" for bits in (32, 4)}
+    for bits, out in runs.items():
+        assert main(["tune", *fast, "--bits", str(bits), "--output", str(out)]) == 0
+    results = tmp_path / "moved.json"
+    diagnose_transfer.main([str(runs[32]), str(runs[4]), "--output", str(results)])
+    recs = {(r["tuned_on"], r["evaluated_on"], r["form"]): r for r in json.loads(results.read_text())["records"]}
+    assert set(recs) == {(32, 32, "as tuned"), (32, 4, "as tuned"), (32, 4, "re-anchored"),
+                         (4, 4, "as tuned"), (4, 32, "as tuned"), (4, 32, "re-anchored")}
+    for bits in (32, 4):
+        own = recs[(bits, bits, "as tuned")]
+        assert own["accuracy"] == own["run_tuned"]["accuracy"]
+        assert own["loss"] == pytest.approx(own["run_tuned"]["loss"], rel=1e-5)
+    assert recs[(32, 4, "re-anchored")]["loss"] != recs[(32, 4, "as tuned")]["loss"]
+    assert "| 4-bit (compensated) | 32-bit | re-anchored |" in diagnose_transfer.transfer_table(
+        json.loads(results.read_text()))
+
+
 def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path):
     import record_runs
 
@@ -283,6 +308,27 @@ def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path)
     (run / "run_config.json").write_text(json.dumps({**config, "model_folder": "/m"}))
     (run / "summary.json").write_text(json.dumps({"zero_shot": {"accuracy": 0.5}, "tuned": {"accuracy": 0.6}}))
     rec = record_runs.record(run, "a note")
-    assert rec["options"] == {"bits": 4, "share_prefix": False, "compensate": True, "seed": 2}
-    assert rec["command"] == "zoact-edge tune --bits 4 --compensate --no-share-prefix --seed 2"
+    assert rec["options"] == {"bits": 4, "share_prefix": False, "seed": 2}  # --compensate is --bits 4's default
+    assert rec["command"] == "zoact-edge tune --bits 4 --no-share-prefix --seed 2"
     assert (rec["seed"], rec["note"], rec["tuned"]) == (2, "a note", {"accuracy": 0.6})
+
+
+@pytest.mark.parametrize("bits, told, did, shown", [
+    (4, "absent", False, "--bits 4 --no-compensate"),  # a 4-bit run from before the option: uncompensated
+    (4, None, True, "--bits 4"),  # today's default, and it compensated
+    (4, None, False, "--bits 4 --no-compensate"),  # the default fell back (no float weights): say what ran
+    (4, False, False, "--bits 4 --no-compensate"),
+    (32, False, False, ""),  # nothing to compensate: false is what the default does
+    (32, "absent", False, ""),
+])
+def test_record_runs_names_compensation_by_what_the_run_did(bits, told, did, shown):
+    import record_runs
+
+    from zoact_edge.config import TuneConfig
+
+    config = {**TuneConfig().to_dict(), "bits": bits, "lr": 1e-3, "compensate": told}
+    if told == "absent":
+        del config["compensate"]
+    summary = {"compensation": {"layers": 1, "start": {}}} if did else {}
+    options = record_runs.options_of(config, summary)
+    assert record_runs.command(options) == " ".join(["zoact-edge tune", shown]).strip()

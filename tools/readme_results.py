@@ -16,7 +16,9 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
   under the default-run table;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space);
-* ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged).
+* ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
+* ``docs/results/diagnose_transfer.json``: ``tools/diagnose_transfer.py`` (each precision's tuned adapter
+  on the other's frozen weights).
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
+from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from record_runs import command  # noqa: E402
 
@@ -50,6 +53,7 @@ PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
 OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
 KBEGIN, KEND = "<!-- curvature:begin -->", "<!-- curvature:end -->"
 VBEGIN, VEND = "<!-- average:begin -->", "<!-- average:end -->"
+TBEGIN, TEND = "<!-- transfer:begin -->", "<!-- transfer:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -61,6 +65,13 @@ def _mib(n):
 
 def _defaults() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("default-*.json"))]
+
+
+def _note(s: dict) -> str:
+    """A run's note, after the start it tuned from where the 4-bit rounding was compensated (--compensate)."""
+    start = s.get("compensation", {}).get("start")
+    shown = f"compensated start {start['accuracy']:.3f} / loss {start['loss']:.3f}; " if start else ""
+    return shown + s.get("note", "")
 
 
 def table() -> str:
@@ -75,15 +86,13 @@ def table() -> str:
             f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
             f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min "
             f"| {_mib(s.get('peak_rss_bytes'))} "
-            f"| {s.get('code', '')} {s.get('note', '')} |"
+            f"| {s.get('code', '')} {_note(s)} |"
         )
     seeds = (_load("seeds-default.json") or {}).get("records", [])
     for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
-        start = s.get("compensation", {}).get("start")  # --compensate: the start after the compensation
-        note = (f"compensated start {start['accuracy']:.3f} / loss {start['loss']:.3f}; " if start else "") + s["note"]
         rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {note} |")
+                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {_note(s)} |")
     rows.append("")
 
     def spread(label: str, runs: list) -> str:
@@ -386,7 +395,8 @@ def main() -> None:
         + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
-        + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else []),
+        + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else [])
+        + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
     }

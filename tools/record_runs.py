@@ -42,9 +42,20 @@ def command(options: dict) -> str:
 def record(run: Path, note: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "run_config.json").read_text())
-    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()  # lr: the method's own default
-    options = {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
+    options = options_of(config, summary)
     return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note}
+
+
+def options_of(config: dict, summary: dict) -> dict:
+    """The options of a run's config that differ from the defaults (lr: the method's own default). Whether the
+    4-bit rounding was compensated is what the run was told, else what it did (runs from before --compensate
+    existed did not), and is listed only where it differs from what the default (auto: on for --bits 4) does."""
+    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()
+    given = {k: config[k] for k in ("bits", "backend", "method") if k in config}
+    told = config.get("compensate")
+    did = told if told is not None else "compensation" in summary
+    config = {**config, "compensate": None if did == replace(TuneConfig(), **given).compensates else did}
+    return {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
 
 
 def main(argv=None) -> None:

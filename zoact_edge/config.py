@@ -93,11 +93,10 @@ class TuneConfig:
         "equalises curvature under sgd, half of it under adam). Each needs its own --lr",
         ["plain", "rank", "layer-norm", "whiten"],
     )
-    compensate: bool = opt(False, "with --bits 4 (torch backend): start each adapter at its layer's rounding error "
-                                  "inside the basis, B = (W - W_4bit) P, W read from the model's float safetensors, "
-                                  "so tuning starts nearer the float model; the adapter then belongs to the 4-bit "
-                                  "base. Measured after 300 steps: +1.2 points on Rotten Tomatoes (inside the "
-                                  "seeds' spread), +5.4 on tweets (docs/results.md)")
+    compensate: bool | None = opt(None, "start each adapter at its layer's 4-bit rounding error inside the basis, "
+                                        "B = (W - W_4bit) P, W read from the model's float safetensors (default: on "
+                                        "with --bits 4 on the torch backend; layers without one stay rounded, with a "
+                                        "warning). Measured: +1.2 points on Rotten Tomatoes, +5.4 on tweets")
     basis_method: str = opt(
         "auto", "basis estimator: exact gram (d_in^2 memory) or streamed randomized sketch", ["auto", "gram", "sketch"]
     )
@@ -224,11 +223,9 @@ class TuneConfig:
                                 "are not checkpointed)")
             if self.fused or self.accum_steps > 1:
                 raise UserError(f"--fused, --accum-steps and torchrun need --backend torch (not {self.backend})")
-        if self.compensate and (self.bits != 4 or self.backend != "torch" or self.method not in ("zoact", "subspace")):
+        if self.compensate and not self.compensates:
             raise UserError("--compensate starts ZO-Act adapters at the bitsandbytes rounding error: it needs "
                             "--bits 4, --backend torch and --method zoact or subspace")
-        if self.cache_prefix_mb < 0:
-            raise UserError("--cache-prefix-mb must be >= 0")
         if self.cache_prefix:
             if self.backend != "torch":
                 raise UserError(f"--cache-prefix needs --backend torch (not {self.backend})")
@@ -255,6 +252,12 @@ class TuneConfig:
         """The precision the torch model is loaded at: --backend ort (zoact, subspace) exports fp32 and quantizes the
         graph itself."""
         return 32 if self.backend == "ort" and self.method in ("zoact", "subspace") else self.bits
+
+    @property
+    def compensates(self) -> bool:
+        """--compensate resolved: 4-bit bitsandbytes rounding under ZO-Act adapters is undone unless --no-compensate."""
+        undo = self.bits == 4 and self.backend == "torch" and self.method in ("zoact", "subspace")
+        return undo and self.compensate is not False
 
     def fused_step(self, default: bool) -> bool:
         """Whether a step fuses its +/- forwards: --fused, else the device's default (torch backend only)."""

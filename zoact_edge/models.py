@@ -119,11 +119,20 @@ def float_tensors(source: str) -> Callable[[str], torch.Tensor | None]:
             folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors"]))
         except Exception as e:  # huggingface_hub raises several types for "not in the cache"
             raise UserError(f"cannot read the float weights of {source!r} from the local cache: {_short(e)}") from None
-    index = {}  # tensor name -> its file's open handle (each file's header is read once)
+    index = {}  # tensor name -> its file
     for file in sorted(folder.glob("*.safetensors")):
-        handle = safe_open(file, "pt")
-        index.update(dict.fromkeys(handle.keys(), handle))
-    return lambda name: index[name].get_tensor(name) if name in index else None
+        with safe_open(file, "pt") as f:
+            index.update(dict.fromkeys(f.keys(), file))
+
+    def read(name: str) -> torch.Tensor | None:
+        if name not in index:
+            return None
+        # opened per tensor: the mapping then lives only as long as the returned tensor (which may view
+        # it); handles kept open held every weight read resident, +300 MiB peak RSS on a default --bits 4 run
+        with safe_open(index[name], "pt") as f:
+            return f.get_tensor(name)
+
+    return read
 
 
 def _short(e: BaseException) -> str:

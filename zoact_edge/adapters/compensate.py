@@ -1,4 +1,4 @@
-"""Starting a 4-bit model's adapters where the float model is (``--compensate``, off by default).
+"""Starting a 4-bit model's adapters where the float model is (``--compensate``, on by default with ``--bits 4``).
 
 ``--bits 4`` rounds each frozen weight W to W_q: on the default model the zero-shot loss rises from
 1.23 to 1.38. Inside an adapter's subspace that error can be undone exactly. With
@@ -13,13 +13,17 @@ was trained on (as a QLoRA adapter does); merged into the float weights it would
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from ..errors import UserError
+from ..models import float_tensors
 from .layer import ZOActLinear
 from .targets import dense_weight, is_4bit
+
+log = logging.getLogger(__name__)
 
 
 def _oriented(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -47,22 +51,46 @@ def _checkpoint_weight(read: Callable[[str], torch.Tensor | None], name: str) ->
 
 
 @torch.no_grad()
-def compensate_rounding(layers: dict[str, ZOActLinear], read: Callable[[str], torch.Tensor | None]) -> int:
+def compensate_rounding(layers: dict[str, ZOActLinear], read: Callable[[str], torch.Tensor | None],
+                        strict: bool = True) -> tuple[int, list[str]]:
     """B += (W - W_q) P for every adapter on a bitsandbytes 4-bit layer, W read by ``read``
-    (:func:`zoact_edge.models.float_tensors`); returns how many layers were compensated."""
-    count = 0
+    (:func:`zoact_edge.models.float_tensors`). Returns how many layers were compensated and the
+    names of the 4-bit layers that were not because the checkpoint has no float weight of their
+    shape (a checkpoint saved already quantized); ``strict`` (an explicit ``--compensate``) refuses those."""
+    count, missing = 0, []
     for name, layer in layers.items():
         if not is_4bit(layer.base):
             continue
-        w = _checkpoint_weight(read, name)
-        if w is None:
-            raise UserError(f"--compensate: the model's checkpoint has no float weight for {name}; "
-                            "pass --no-compensate")
         q = dense_weight(layer.base)
-        w = _oriented(w.to(device=q.device, dtype=torch.float32), q)
-        if w.shape != q.shape:
-            raise UserError(f"--compensate: {name} is {tuple(q.shape)} but its checkpoint weight "
-                            f"{tuple(w.shape)}; pass --no-compensate")
+        w = _checkpoint_weight(read, name)
+        if w is not None:
+            w = _oriented(w.to(device=q.device, dtype=torch.float32), q)
+        if w is None or w.shape != q.shape:
+            if strict:
+                found = "no float weight" if w is None else f"a {tuple(w.shape)} weight"
+                raise UserError(f"--compensate: the model's checkpoint has {found} for {name} "
+                                f"{tuple(q.shape)}; pass --no-compensate")
+            missing.append(name)
+            continue
         layer.B.add_(((w - q) @ layer.P.float()).to(layer.B.dtype))
         count += 1
+    return count, missing
+
+
+def compensate_from(layers: dict[str, ZOActLinear], source: str, strict: bool) -> int:
+    """:func:`compensate_rounding` with W read from ``source``'s own safetensors (the folder or cached hub id the
+    model was loaded from); returns how many layers were compensated. Not ``strict`` (the default, no explicit
+    --compensate): a model whose float weights cannot be read, or a layer the checkpoint lacks, stays as rounded,
+    with a warning."""
+    try:
+        read = float_tensors(source)
+    except UserError as e:
+        if strict:
+            raise
+        log.warning("tuning the 4-bit model as rounded (no compensation): %s", e)
+        return 0
+    count, missing = compensate_rounding(layers, read, strict)
+    if missing:
+        log.warning("%d of %d 4-bit layers keep their rounding error: the checkpoint has no float weight of their "
+                    "shape (e.g. %s)", len(missing), count + len(missing), missing[0])
     return count

@@ -25,14 +25,13 @@ from .. import rundir
 from ..adapters import files as adapter_files
 from ..adapters import targets as tgt
 from ..adapters.build import build_adapters, inject_adapters
-from ..adapters.compensate import compensate_rounding
+from ..adapters.compensate import compensate_from
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
 from ..data.datasets import batch_indices
 from ..data.tasks import sampled_batches, scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
-from ..models import float_tensors
 from ..profiling.fit import check_batch_fits
 from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
@@ -105,9 +104,9 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
     if not resume:
         zero_shot = run_eval("zero-shot eval")  # the model as loaded: before any compensation
         start_step, opt_state, compensation = 0, None, None
-        if cfg.compensate:  # --bits 4 only (TuneConfig.validate)
-            count = compensate_rounding(layers, float_tensors(inputs.loaded.folder))
-            compensation = {"layers": count, "start": run_eval("compensated start eval")}  # what it alone did
+        # --bits 4 (torch backend) unless --no-compensate; then the start is evaluated: what it alone did
+        if cfg.compensates and (count := compensate_from(layers, inputs.loaded.folder, cfg.compensate is True)):
+            compensation = {"layers": count, "start": run_eval("compensated start eval")}
             log.info("started %d 4-bit layers' adapters at their rounding error inside the basis: %s", count,
                      fmt_metrics(compensation["start"]))
         yardstick.meter.split("zero-shot eval")
