@@ -17,13 +17,15 @@ model's; if it falls to the 4-bit run's accuracy, the rounding outside span(P), 
     zoact-edge tune --output runs/fp32 && zoact-edge tune --bits 4 --output runs/bits4   # seed 0 defaults
     python tools/diagnose_transfer.py runs/fp32 runs/bits4     # -> docs/results/diagnose_transfer.json
 
-Both runs must be of the same model, task and seed. About five CPU minutes on the default model.
+Both runs must be of the same model, task and seed; the records of other seeds are kept. About five CPU
+minutes on the default model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -51,6 +53,12 @@ def run_config(run: Path) -> TuneConfig:
     return replace(TuneConfig(), **{k: v for k, v in saved.items() if k in names})
 
 
+def compensated(summary: dict) -> bool:
+    """Whether a run started at the 4-bit rounding's compensation (runs before the summary's ``compensation``
+    entry recorded only ``compensated_layers``)."""
+    return bool(summary.get("compensation") or summary.get("compensated_layers"))
+
+
 @torch.no_grad()
 def evaluate_moved(model, weights: dict, run: Path, from_bits: int, to_bits: int, inputs, cfg) -> dict:
     """The run's adapter on ``model`` (frozen weights of ``to_bits``), as tuned and re-anchored, then removed."""
@@ -76,10 +84,17 @@ def evaluate_moved(model, weights: dict, run: Path, from_bits: int, to_bits: int
 
 def transfer_table(data: dict) -> str:
     """One row per (adapter, frozen weights, form): validation accuracy and loss (docs/results.md)."""
-    rows = ["| adapter tuned on | evaluated on | form | accuracy | loss |", "|---|---|---|---|---|"]
-    for r in data.get("records", []):
+    rows = ["| adapter tuned on | evaluated on | form | accuracy by seed | mean ± sd | loss, mean |",
+            "|---|---|---|---|---|---|"]
+    cells: dict = {}
+    for r in sorted(data.get("records", []), key=lambda r: r["seed"]):
         tuned = f"{r['tuned_on']}-bit" + (" (compensated)" if r["compensated"] else "")
-        rows.append(f"| {tuned} | {r['evaluated_on']}-bit | {r['form']} | {r['accuracy']:.3f} | {r['loss']:.3f} |")
+        cells.setdefault((tuned, r["evaluated_on"], r["form"]), []).append(r)
+    for (tuned, on, form), recs in cells.items():
+        acc = [r["accuracy"] for r in recs]
+        rows.append(f"| {tuned} | {on}-bit | {form} | {', '.join(f'{a:.3f}' for a in acc)} "
+                    f"(seeds {', '.join(str(r['seed']) for r in recs)}) | {statistics.mean(acc):.3f} ± "
+                    f"{statistics.pstdev(acc):.3f} | {statistics.mean(r['loss'] for r in recs):.3f} |")
     return "\n".join(rows)
 
 
@@ -107,17 +122,19 @@ def main(argv=None) -> None:
         for to_bits in (32, 4):
             moved = evaluate_moved(models[to_bits], weights, run, from_bits, to_bits, inputs, cfgs[from_bits])
             for form, metrics in moved.items():
-                records.append({"run": f"--bits {from_bits}" if from_bits == 4 else "fp32", "tuned_on": from_bits,
+                records.append({"task": cfgs[32].task, "seed": cfgs[32].seed, "tuned_on": from_bits,
                                 "evaluated_on": to_bits, "form": form, "run_tuned": summary["tuned"],
-                                "compensated": "compensation" in summary, **metrics})
+                                "compensated": compensated(summary), **metrics})
                 print(f"{run.name} tuned on {from_bits}-bit, on {to_bits}-bit ({form}): "
                       f"{metrics['accuracy']:.3f} / loss {metrics['loss']:.4f}")
-    meta = {"task": cfgs[32].task, "seed": cfgs[32].seed, "eval_examples": len(inputs.eval_set),
-            "seconds": round(time.time() - t0, 1)}
+    for r in records:
+        r.update(runs={str(bits): run.name for bits, run in runs.items()}, eval_examples=len(inputs.eval_set),
+                 seconds=round(time.time() - t0, 1))
 
-    def change(data: dict) -> None:
-        data.clear()
-        data.update(meta=meta, records=records)
+    def change(data: dict) -> None:  # a pair of runs of the same task and seed replaces its earlier records
+        data.pop("meta", None)
+        data["records"] = [r for r in data["records"] if (r["task"], r["seed"]) != (cfgs[32].task, cfgs[32].seed)]
+        data["records"] += records
 
     locked_update(Path(args.output), change)
 
