@@ -296,6 +296,32 @@ def test_diagnose_transfer_reads_each_run_on_its_own_base_as_it_finished(model_d
         json.loads(results.read_text()))
 
 
+def test_diagnose_rounding_reads_the_compensated_start_that_tune_evaluates(model_dirs, tmp_path):
+    """tools/diagnose_rounding.py's rank-k start, measured through its own forwards, is the compensated start a
+    --bits 4 tune run with the same calibration and an exact basis evaluates; as loaded, the run's zero-shot."""
+    import diagnose_rounding
+
+    from zoact_edge.cli import main
+
+    data = ["--model", str(model_dirs["llama"]), "--batch-size", "4", "--calib-samples", "8", "--eval-samples",
+            "16", "--max-length", "24"]
+    run = tmp_path / "run"
+    assert main(["tune", *data, "--bits", "4", "--rank", "4", "--basis-method", "gram", "--steps", "1",
+                 "--output", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    results = tmp_path / "rounding.json"
+    diagnose_rounding.main([*data, "--ranks", "4,8", "--output", str(results)])
+    rec = json.loads(results.read_text())["records"][0]
+    rows = {r["rank"]: r for r in rec["rows"]}
+    for k, expected in ((0, summary["zero_shot"]), (4, summary["compensation"]["start"])):
+        assert rows[k]["loss"] == pytest.approx(expected["loss"], rel=1e-5), k
+        assert rows[k]["accuracy"] == pytest.approx(expected["accuracy"]), k
+    assert rec["fp32"]["hidden_rel_err"] == 0.0 and rec["fp32"]["label_kl"] == 0.0
+    # compensating inside the basis brings the 4-bit model's hidden states closer to the float model's
+    assert rows[4]["hidden_rel_err"] < rows[0]["hidden_rel_err"] and rows[4]["compensated_layers"] > 0
+    assert rows[8]["frozen_bytes"] > rows[4]["frozen_bytes"] > 0
+
+
 def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path):
     import record_runs
 

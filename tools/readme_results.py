@@ -18,7 +18,9 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
   curvature per searched space);
 * ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
 * ``docs/results/diagnose_transfer.json``: ``tools/diagnose_transfer.py`` (each precision's tuned adapter
-  on the other's frozen weights).
+  on the other's frozen weights);
+* ``docs/results/diagnose_rounding.json``: ``tools/diagnose_rounding.py`` (the 4-bit rounding undone in
+  subspaces of growing width).
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
+from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from record_runs import command  # noqa: E402
@@ -54,6 +57,7 @@ OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
 KBEGIN, KEND = "<!-- curvature:begin -->", "<!-- curvature:end -->"
 VBEGIN, VEND = "<!-- average:begin -->", "<!-- average:end -->"
 TBEGIN, TEND = "<!-- transfer:begin -->", "<!-- transfer:end -->"
+RBEGIN, REND = "<!-- rounding:begin -->", "<!-- rounding:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -396,7 +400,8 @@ def main() -> None:
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
         + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else [])
-        + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else []),
+        + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else [])
+        + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
     }
