@@ -13,6 +13,7 @@ y = W x + B Pᵀ x. Moved from the base it was tuned on (W_from) to another (W_t
 If the fp32 run's adapter, re-anchored on the 4-bit weights, keeps about its fp32 accuracy, then a point that
 good lies in a 4-bit ZO-Act search space (the fp32 run's basis) and the 4-bit gap is the search's, not the
 model's; if it falls to the 4-bit run's accuracy, the rounding outside span(P), which no B can touch, caps it.
+In between, both cost something; seeds 0-2 of the default runs read in between (docs/results.md).
 
     zoact-edge tune --output runs/fp32 && zoact-edge tune --bits 4 --output runs/bits4   # seed 0 defaults
     python tools/diagnose_transfer.py runs/fp32 runs/bits4     # -> docs/results/diagnose_transfer.json
