@@ -339,6 +339,40 @@ def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path)
     assert (rec["seed"], rec["note"], rec["tuned"]) == (2, "a note", {"accuracy": 0.6})
 
 
+def test_record_runs_keeps_the_eval_curve_a_shorter_run_reproduces(model_dirs, tmp_path):
+    """The curve's eval at step 2 of a 4-step run is what a 2-step run of the same seed ends at (constant lr)."""
+    import record_runs
+
+    from zoact_edge.cli import main
+
+    fast = ["--model", str(model_dirs["llama"]), "--batch-size", "4", "--calib-samples", "8", "--rank", "4",
+            "--eval-samples", "16", "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2"]
+    runs = {steps: tmp_path / f"s{steps}" for steps in (4, 2)}
+    assert main(["tune", *fast, "--steps", "4", "--eval-every", "2", "--output", str(runs[4])]) == 0
+    assert main(["tune", *fast, "--steps", "2", "--output", str(runs[2])]) == 0
+    long, short = record_runs.record(runs[4], ""), record_runs.record(runs[2], "")
+    assert [p["step"] for p in long["eval_curve"]] == [2, 4] and "eval_curve" not in short
+    at2, end = long["eval_curve"]
+    assert (at2["accuracy"], at2["loss"]) == pytest.approx((short["tuned"]["accuracy"], short["tuned"]["loss"]))
+    assert (end["accuracy"], end["loss"]) == (long["tuned"]["accuracy"], long["tuned"]["loss"])
+    assert at2["loss"] != end["loss"]
+
+
+def test_curve_table_puts_every_run_on_the_union_of_evaluated_steps():
+    import record_runs
+
+    def rec(cmd, seed, points):
+        curve = [{"step": s, "accuracy": a, "loss": 1 - a} for s, a in points]
+        return {"command": cmd, "seed": seed, "eval_curve": curve}
+
+    data = {"records": [rec("zoact-edge tune --seed 1", 1, [(2, 0.5), (4, 0.75)]), {"command": "no curve", "seed": 0},
+                        rec("zoact-edge tune", 0, [(3, 0.25), (4, 0.5)])]}
+    head, _, first, second = record_runs.curve_table(data).splitlines()
+    assert head == "| command | step 2 | step 3 | step 4 |"
+    assert first == "| `zoact-edge tune` |  | 0.250 / 0.750 | 0.500 / 0.500 |"  # seed 0 first
+    assert second == "| `zoact-edge tune --seed 1` | 0.500 / 0.500 |  | 0.750 / 0.250 |"
+
+
 @pytest.mark.parametrize("bits, told, did, shown", [
     (4, "absent", False, "--bits 4 --no-compensate"),  # a 4-bit run from before the option: uncompensated
     (4, None, True, "--bits 4"),  # today's default, and it compensated

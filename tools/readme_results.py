@@ -13,7 +13,7 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
   exact one-query ZO), beside the comparison's runs of the same task and seed;
 * ``docs/results/seeds-default.json``: the default commands at other seeds (``tools/record_runs.py``),
-  under the default-run table;
+  under the default-run table, and the validation curves of the runs that have one;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space);
 * ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
@@ -41,7 +41,7 @@ from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
-from record_runs import command  # noqa: E402
+from record_runs import command, curve_table  # noqa: E402
 
 from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
 
@@ -58,6 +58,7 @@ KBEGIN, KEND = "<!-- curvature:begin -->", "<!-- curvature:end -->"
 VBEGIN, VEND = "<!-- average:begin -->", "<!-- average:end -->"
 TBEGIN, TEND = "<!-- transfer:begin -->", "<!-- transfer:end -->"
 RBEGIN, REND = "<!-- rounding:begin -->", "<!-- rounding:end -->"
+LBEGIN, LEND = "<!-- curves:begin -->", "<!-- curves:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -401,7 +402,8 @@ def main() -> None:
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
         + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else [])
         + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else [])
-        + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else []),
+        + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else [])
+        + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
     }

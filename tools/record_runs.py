@@ -9,7 +9,8 @@ and single probes of other settings of the same command:
     python tools/readme_results.py
 
 Each record is the run's ``summary.json`` plus its seed, the options that differ from the defaults, the
-command they make and the note. A run already in the file (same command) is replaced.
+command they make, the note and, for a run with ``--eval-every``, its validation curve. A run already in
+the file (same command) is replaced.
 """
 
 from __future__ import annotations
@@ -43,7 +44,23 @@ def record(run: Path, note: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "run_config.json").read_text())
     options = options_of(config, summary)
-    return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note}
+    curve = eval_curve(run)
+    if curve:  # the final eval closes the curve
+        curve.append({"step": summary["steps"], "accuracy": summary["tuned"]["accuracy"],
+                      "loss": summary["tuned"]["loss"]})
+    return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note,
+            **({"eval_curve": curve} if curve else {})}
+
+
+def eval_curve(run: Path) -> list[dict]:
+    """The run's periodic validation evals (``--eval-every``; the last step has the final eval instead) from its
+    metrics.jsonl: step, accuracy, loss."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "accuracy": r["eval"]["accuracy"], "loss": r["eval"]["loss"]}
+            for r in rows if r.get("eval")]
 
 
 def options_of(config: dict, summary: dict) -> dict:
@@ -56,6 +73,17 @@ def options_of(config: dict, summary: dict) -> dict:
     did = told if told is not None else "compensation" in summary
     config = {**config, "compensate": None if did == replace(TuneConfig(), **given).compensates else did}
     return {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
+
+
+def curve_table(data: dict) -> str:
+    """One row per recorded run with a validation curve: accuracy / loss at each evaluated step (docs/results.md)."""
+    recs = [r for r in data.get("records", []) if r.get("eval_curve")]
+    steps = sorted({p["step"] for r in recs for p in r["eval_curve"]})
+    rows = ["| command | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for r in sorted(recs, key=lambda r: (r["command"].replace(f" --seed {r['seed']}", ""), r["seed"])):
+        at = {p["step"]: f"{p['accuracy']:.3f} / {p['loss']:.3f}" for p in r["eval_curve"]}
+        rows.append(f"| `{r['command']}` | " + " | ".join(at.get(s, "") for s in steps) + " |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
