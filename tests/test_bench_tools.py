@@ -373,6 +373,18 @@ def test_curve_table_puts_every_run_on_the_union_of_evaluated_steps():
     assert second == "| `zoact-edge tune --seed 1` | 0.500 / 0.500 |  | 0.750 / 0.250 |"
 
 
+def test_padding_counts_real_tokens_over_padded_positions_and_grouping_keeps_the_examples():
+    import diagnose_padding
+
+    length = [2, 9, 3, 8, 5, 6]
+    batches = [[0, 1], [2, 3, 4], [5]]  # padded to 9, 8 and 6: 2*9 + 3*8 + 6 = 48 positions, 33 tokens
+    assert diagnose_padding.useful(batches, length) == pytest.approx(33 / 48)
+    regrouped = diagnose_padding.grouped(batches, length)
+    assert [len(b) for b in regrouped] == [2, 3, 1] and sorted(sum(regrouped, [])) == list(range(6))
+    assert regrouped == [[0, 2], [4, 5, 3], [1]]  # by length: 2, 3 | 5, 6, 8 | 9
+    assert diagnose_padding.useful(regrouped, length) == pytest.approx(33 / (2 * 3 + 3 * 8 + 9))
+
+
 @pytest.mark.parametrize("bits, told, did, shown", [
     (4, "absent", False, "--bits 4 --no-compensate"),  # a 4-bit run from before the option: uncompensated
     (4, None, True, "--bits 4"),  # today's default, and it compensated
