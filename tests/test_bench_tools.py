@@ -319,7 +319,12 @@ def test_diagnose_rounding_reads_the_compensated_start_that_tune_evaluates(model
     assert rec["fp32"]["hidden_rel_err"] == 0.0 and rec["fp32"]["label_kl"] == 0.0
     # compensating inside the basis brings the 4-bit model's hidden states closer to the float model's
     assert rows[4]["hidden_rel_err"] < rows[0]["hidden_rel_err"] and rows[4]["compensated_layers"] > 0
-    assert rows[8]["frozen_bytes"] > rows[4]["frozen_bytes"] > 0
+    # fp32 P and B, a P shared by the layers that read the same input (q/k/v, gate/up) counted once
+    config = json.loads((model_dirs["llama"] / "config.json").read_text())
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    per_block = (hidden + kv + kv + hidden + inter + inter + hidden) + (3 * hidden + inter)  # B's d_out + P's d_in
+    assert [rows[k]["frozen_bytes"] for k in (4, 8)] == [4 * k * layers * per_block for k in (4, 8)]
 
 
 def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path):

@@ -137,7 +137,8 @@ def main(argv=None) -> None:
     # exact (gram) top eigenvectors, so that the top k of the widest basis are the rank-k basis for every k; the
     # default run's auto method sketches layers wider than 256 inputs, a slightly different rank-16 basis
     widest = build_adapters(model, batches, max(ranks), "gram", found=found, seed=cfg.seed)
-    full = {name: layer.P.clone() for name, layer in widest.items()}
+    clones: dict = {}  # one copy per shared P, so that group members (q/k/v, gate/up) keep sharing it
+    full = {name: clones.setdefault(id(layer.P), layer.P.clone()) for name, layer in widest.items()}
     for name, layer in widest.items():
         model.set_submodule(name, layer.base)
     for k in ranks:
