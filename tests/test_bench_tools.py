@@ -312,6 +312,7 @@ def test_diagnose_rounding_reads_the_compensated_start_that_tune_evaluates(model
     results = tmp_path / "rounding.json"
     diagnose_rounding.main([*data, "--ranks", "4,8", "--output", str(results)])
     rec = json.loads(results.read_text())["records"][0]
+    assert (rec["task"], rec["model"]) == ("rotten-tomatoes", str(model_dirs["llama"]))
     rows = {r["rank"]: r for r in rec["rows"]}
     for k, expected in ((0, summary["zero_shot"]), (4, summary["compensation"]["start"])):
         assert rows[k]["loss"] == pytest.approx(expected["loss"], rel=1e-5), k

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         print(f"rank {r['rank']:>4}: acc {r['accuracy']:.3f}  loss {r['loss']:.4f}  hidden rel. err "
               f"{r['hidden_rel_err']:.4f}  label KL {r['label_kl']:.5f}  agrees {r['agrees_with_fp32']:.3f}  "
               f"{r['frozen_bytes'] / 2**20:.0f} MiB")
-    record = {"task": args.task, "model": cfg.model, "basis": "gram", "eval_examples": len(inputs.eval_set),
+    record = {"task": cfg.task, "model": cfg.model, "basis": "gram", "eval_examples": len(inputs.eval_set),
               "fp32": fp32, "rows": rows, "seconds": round(time.time() - t0, 1)}
 
     def change(data: dict) -> None:  # one record per model and task; a rerun replaces it
