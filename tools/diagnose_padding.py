@@ -29,6 +29,7 @@ import torch
 from zoact_edge.cli.options import add_options
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.datasets import batch_indices
+from zoact_edge.data.evaluate import example_lengths
 from zoact_edge.data.tasks import hidden_states
 from zoact_edge.recipes.harness import load_inputs
 
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     cfg = replace(TuneConfig(), **{k: v for k, v in vars(args).items() if k in TUNE_OPTIONS and v is not None})
     inputs = load_inputs(cfg)
     task, train = inputs.task, inputs.splits.train
-    length = [len(task.collate([ex]).input_ids[0]) for ex in train]
+    length = example_lengths(task, train)
     sizes = {}
     for bs in sorted({int(b) for b in args.batch_sizes.split(",")}):
         run = [batch_indices(s, bs, len(train), cfg.seed) for s in range(args.steps)]

@@ -38,7 +38,7 @@ from zoact_edge.adapters.compensate import compensate_from
 from zoact_edge.cli.options import add_options
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.evaluate import length_sorted
-from zoact_edge.data.tasks import hidden_states, output_rows, sampled_batches
+from zoact_edge.data.tasks import hidden_states, label_logits, sampled_batches
 from zoact_edge.models import load_model
 from zoact_edge.recipes.harness import load_inputs
 from zoact_edge.recipes.zoact import CALIBRATION_TAG
@@ -54,17 +54,10 @@ TUNE_OPTIONS = {"model", "task", "seed", "targets", "layers", "calib_samples", "
 
 
 @torch.no_grad()
-def last_states(model, task, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last position's final hidden state (fp32) and the label logits of every example, in ``chunks`` order."""
-    hidden, logits = [], []
-    for chunk in chunks:
-        batch = task.collate(chunk)
-        h = hidden_states(model, batch)[:, -1].float()
-        weight, bias = output_rows(model, task.candidate_ids)
-        z = h @ weight.float().T
-        hidden.append(h)
-        logits.append(z if bias is None else z + bias.float())
-    return torch.cat(hidden), torch.cat(logits)
+def last_states(model, task, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored position's final hidden state (fp32) and the label logits of every example, in batch order."""
+    hidden = torch.cat([hidden_states(model, b)[:, -1].float() for b in batches])
+    return hidden, label_logits(model, hidden, task.candidate_ids)
 
 
 def compare(hidden, logits, ref_hidden, ref_logits, labels) -> dict:
@@ -122,16 +115,16 @@ def main(argv=None) -> None:
     batches = sampled_batches(inputs.task, inputs.splits.train, cfg.calib_samples, cfg.batch_size, cfg.seed,
                               CALIBRATION_TAG, device)
 
-    chunks = list(length_sorted(inputs.task, inputs.eval_set, cfg.eval_batch_size))
-    labels = torch.cat([inputs.task.collate(c).labels for c in chunks])
+    evals = [inputs.task.collate(c) for c in length_sorted(inputs.task, inputs.eval_set, cfg.eval_batch_size)]
+    labels = torch.cat([b.labels for b in evals])
     float_model = load_model(cfg.model, 32, device="cpu").model  # the reference: what compensation aims at
-    ref = last_states(float_model, inputs.task, chunks)
+    ref = last_states(float_model, inputs.task, evals)
     del float_model
     fp32 = {**compare(*ref, *ref, labels), "examples": len(labels)}
 
     def measure(desc: str) -> dict:
         print(desc)
-        return {**compare(*last_states(model, inputs.task, chunks), *ref, labels), "examples": len(labels)}
+        return {**compare(*last_states(model, inputs.task, evals), *ref, labels), "examples": len(labels)}
 
     rows = [{"rank": 0, "compensated_layers": 0, "frozen_bytes": 0, **measure("4-bit as loaded")}]
     # exact (gram) top eigenvectors, so that the top k of the widest basis are the rank-k basis for every k; the
@@ -139,8 +132,7 @@ def main(argv=None) -> None:
     widest = build_adapters(model, batches, max(ranks), "gram", found=found, seed=cfg.seed)
     clones: dict = {}  # one copy per shared P, so that group members (q/k/v, gate/up) keep sharing it
     full = {name: clones.setdefault(id(layer.P), layer.P.clone()) for name, layer in widest.items()}
-    for name, layer in widest.items():
-        model.set_submodule(name, layer.base)
+    tgt.unwrap_all(model)
     for k in ranks:
         shared: dict = {}  # group members keep one P
         bases = {n: shared.setdefault(id(P), P[:, :k].contiguous()) for n, P in full.items()}
@@ -150,8 +142,7 @@ def main(argv=None) -> None:
             rows.append({"rank": k, "compensated_layers": count, "frozen_bytes": frozen_bytes(layers),
                          **measure(f"compensated in rank {k}")})
         finally:
-            for name, layer in layers.items():
-                model.set_submodule(name, layer.base)
+            tgt.unwrap_all(model)
     for r in rows:
         print(f"rank {r['rank']:>4}: acc {r['accuracy']:.3f}  loss {r['loss']:.4f}  hidden rel. err "
               f"{r['hidden_rel_err']:.4f}  label KL {r['label_kl']:.5f}  agrees {r['agrees_with_fp32']:.3f}  "

@@ -44,6 +44,7 @@ from zoact_edge.recipes.harness import load_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from record_runs import compensated  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_transfer.json"
 
@@ -52,12 +53,6 @@ def run_config(run: Path) -> TuneConfig:
     saved = json.loads((run / "run_config.json").read_text())
     names = {f for f in TuneConfig.__dataclass_fields__}
     return replace(TuneConfig(), **{k: v for k, v in saved.items() if k in names})
-
-
-def compensated(summary: dict) -> bool:
-    """Whether a run started at the 4-bit rounding's compensation (runs before the summary's ``compensation``
-    entry recorded only ``compensated_layers``)."""
-    return bool(summary.get("compensation") or summary.get("compensated_layers"))
 
 
 @torch.no_grad()
@@ -78,8 +73,7 @@ def evaluate_moved(model, weights: dict, run: Path, from_bits: int, to_bits: int
             out[form] = evaluate(model, inputs.task, inputs.eval_set, cfg.eval_batch_size, torch.device("cpu"),
                                  desc=f"{run.name} on {to_bits}-bit, {form}")
     finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer.base)
+        tgt.unwrap_all(model)
     return out
 
 

@@ -63,6 +63,12 @@ def eval_curve(run: Path) -> list[dict]:
             for r in rows if r.get("eval")]
 
 
+def compensated(summary: dict) -> bool:
+    """Whether a run started at the 4-bit rounding's compensation, from its summary (runs before the summary's
+    ``compensation`` entry recorded only ``compensated_layers``)."""
+    return bool(summary.get("compensation") or summary.get("compensated_layers"))
+
+
 def options_of(config: dict, summary: dict) -> dict:
     """The options of a run's config that differ from the defaults (lr: the method's own default). Whether the
     4-bit rounding was compensated is what the run was told, else what it did (runs from before --compensate
@@ -70,7 +76,7 @@ def options_of(config: dict, summary: dict) -> dict:
     defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()
     given = {k: config[k] for k in ("bits", "backend", "method") if k in config}
     told = config.get("compensate")
-    did = told if told is not None else "compensation" in summary
+    did = told if told is not None else compensated(summary)
     config = {**config, "compensate": None if did == replace(TuneConfig(), **given).compensates else did}
     return {k: v for k, v in config.items() if k in defaults and k not in WHERE and v != defaults[k]}
 

@@ -10,9 +10,14 @@ from tqdm.auto import tqdm
 from .tasks import ClassificationTask
 
 
+def example_lengths(task, examples: list) -> list[int]:
+    """Each example's token count as the task feeds it to the model (prompt cut to --max-length)."""
+    return [len(task.collate([ex]).input_ids[0]) for ex in examples]
+
+
 def length_sorted(task, examples: list, batch_size: int):
     # Sorting by length cuts padding (a large share of eval time for short sentences).
-    lengths = [len(task.collate([ex]).input_ids[0]) for ex in examples] if len(examples) > batch_size else None
+    lengths = example_lengths(task, examples) if len(examples) > batch_size else None
     order = sorted(range(len(examples)), key=lambda i: lengths[i]) if lengths else list(range(len(examples)))
     for start in range(0, len(order), batch_size):
         yield [examples[i] for i in order[start:start + batch_size]]

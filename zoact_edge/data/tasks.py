@@ -108,6 +108,13 @@ def hidden_states(model, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def label_logits(model, last: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """The candidate labels' logits from the scored position's final hidden states ``last`` (batch x hidden)."""
+    weight, bias = output_rows(model, candidate_ids.to(last.device))
+    logits = last @ weight.to(last.dtype).T
+    return logits if bias is None else logits + bias.to(last.dtype)
+
+
 def output_rows(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     weight = head.weight[token_ids]
@@ -163,9 +170,7 @@ class ClassificationTask:
     def logits(self, model, batch: Batch) -> torch.Tensor:
         """Candidate-label logits (batch x num_labels) in fp32, from the last position only."""
         last = _wide(hidden_states(model, batch)[:, -1])  # left padding: the prompt ends at -1
-        weight, bias = output_rows(model, self.candidate_ids.to(last.device))
-        logits = last @ weight.to(last.dtype).T
-        return logits if bias is None else logits + bias.to(last.dtype)
+        return label_logits(model, last, self.candidate_ids)
 
     def loss(self, model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch.labels)
