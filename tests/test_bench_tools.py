@@ -1,5 +1,6 @@
 """The method-comparison harness: records, forward budgets, resumability, and the README table."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -345,6 +346,28 @@ def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path)
     assert (rec["seed"], rec["note"], rec["tuned"]) == (2, "a note", {"accuracy": 0.6})
 
 
+def test_record_runs_rederives_the_command_when_a_default_changes(tmp_path, monkeypatch):
+    """A record keeps its run's whole config: once a default moves, its command names the value it ran with."""
+    import record_runs
+
+    from zoact_edge.config import TuneConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({**TuneConfig().resolved().to_dict(), "seed": 1}))
+    (run / "summary.json").write_text(json.dumps({"zero_shot": {"accuracy": 0.5}, "tuned": {"accuracy": 0.6}}))
+    rec = record_runs.record(run, "")
+    assert rec["command"] == "zoact-edge tune --seed 1" and record_runs.current(rec) == rec
+    ran_with = TuneConfig().steps
+    moved = dataclasses.make_dataclass("Moved", [  # TuneConfig with a later default for --steps
+        (f.name, f.type, dataclasses.field(default=ran_with + 100 if f.name == "steps" else f.default,
+                                           metadata=f.metadata)) for f in dataclasses.fields(TuneConfig)],
+        bases=(TuneConfig,))
+    monkeypatch.setattr(record_runs, "TuneConfig", moved)
+    assert record_runs.current(rec)["command"] == f"zoact-edge tune --steps {ran_with} --seed 1"
+    assert record_runs.current(rec)["options"] == {"seed": 1, "steps": ran_with}
+
+
 def test_record_runs_keeps_the_eval_curve_a_shorter_run_reproduces(model_dirs, tmp_path):
     """The curve's eval at step 2 of a 4-step run is what a 2-step run of the same seed ends at (constant lr)."""
     import record_runs
@@ -410,3 +433,14 @@ def test_record_runs_names_compensation_by_what_the_run_did(bits, told, did, sho
     summary = {"compensation": {"layers": 1, "start": {}}} if did else {}
     options = record_runs.options_of(config, summary)
     assert record_runs.command(options) == " ".join(["zoact-edge tune", shown]).strip()
+
+
+def test_comparison_runs_in_another_batch_order_are_not_reused():
+    import argparse
+
+    args = argparse.Namespace(budget=300, batch_size=16, batch_order="random", eval_samples=500, bits=0)
+    length = argparse.Namespace(**{**vars(args), "batch_order": "length"})
+    old = {"method": "zoact", "forwards": bench_convergence.spent("zoact", 300), "batch_size": 16, "eval_samples": 500,
+           "bits": 32}  # a record from before --batch-order: it read random batches
+    assert bench_convergence._same_scale(old, args) and not bench_convergence._same_scale(old, length)
+    assert bench_convergence._same_scale({**old, "batch_order": "length"}, length)

@@ -79,6 +79,20 @@ def test_resume_after_sigkill_is_bit_identical(model_dirs, tmp_path):
     assert steps == list(range(1, 11))
 
 
+def test_a_run_from_before_batch_order_resumes_in_random_order(tmp_path):
+    """run_config.json of a run started before --batch-order existed has no such key: that run read random
+    batches, and --resume must go on reading them, not switch to today's default mid-run."""
+    from zoact_edge.cli.tune import _saved_config
+    from zoact_edge.config import TuneConfig, build_config
+
+    old = {k: v for k, v in TuneConfig().to_dict().items() if k != "batch_order"}
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    saved = _saved_config(tmp_path, "--resume")
+    assert build_config(TuneConfig, saved, {}).batch_order == "random" != TuneConfig().batch_order
+    (tmp_path / "run_config.json").write_text(json.dumps({**old, "batch_order": "length"}))
+    assert build_config(TuneConfig, _saved_config(tmp_path, "--resume"), {}).batch_order == "length"
+
+
 def test_config_file_with_cli_override(model_dirs, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'model = "{model_dirs["opt"]}"\nsteps = 2\nrank = 3\nbatch-size = 4\ncalib-samples = 8\n'

@@ -19,9 +19,10 @@ from zoact_edge.cli import main
 
 PINNED = Path(__file__).with_name("pinned_recipes.json")
 FAST = ["--steps", "5", "--batch-size", "4", "--calib-samples", "8", "--rank", "4", "--eval-samples", "16",
-        "--max-length", "24", "--eps", "1e-2"]
+        "--max-length", "24", "--eps", "1e-2", "--batch-order", "random"]  # each case's order, unless it says
 CASES = {
     "zoact": ["--lr", "1e-2"],
+    "zoact-length-order": ["--lr", "1e-2", "--batch-order", "length"],
     "zoact-queries2-adam": ["--lr", "1e-2", "--queries", "2", "--optimizer", "adam", "--schedule", "cosine"],
     "subspace": ["--method", "subspace", "--lr", "1e-2"],
     "mezo": ["--method", "mezo", "--lr", "1e-6"],

@@ -47,3 +47,28 @@ def test_batches_cover_each_epoch_once_and_are_stateless():
     assert batch_indices(3, bs, n, seed=3) == stream[12:16]  # any step, recomputed on demand
     assert batch_indices(0, bs, n, seed=4) != batch_indices(0, bs, n, seed=3)
 
+
+
+def test_length_order_regroups_each_window_of_the_random_stream():
+    """--batch-order length: per window of GROUP_BATCHES batches, the same examples as the random order,
+    cut into batches of neighbouring lengths and visited in a seeded order."""
+    from zoact_edge.data.datasets import GROUP_BATCHES
+
+    n, bs, seed = 1000, 8, 5
+    lengths = [(7 * i) % 61 + 3 for i in range(n)]
+    for window in range(3):  # 3 windows = 1,200 examples: the third crosses into the second epoch
+        steps = range(window * GROUP_BATCHES, (window + 1) * GROUP_BATCHES)
+        plain = [i for s in steps for i in batch_indices(s, bs, n, seed)]
+        grouped = [batch_indices(s, bs, n, seed, lengths) for s in steps]
+        assert sorted(i for b in grouped for i in b) == sorted(plain)
+        by_length = sorted(plain, key=lambda i: lengths[i])  # the window's examples, sorted (stable)
+        chunks = {tuple(by_length[k:k + bs]) for k in range(0, len(by_length), bs)}
+        assert {tuple(b) for b in grouped} == chunks  # each batch is one run of neighbouring lengths
+        firsts = [lengths[b[0]] for b in grouped]
+        assert firsts != sorted(firsts)  # not visited shortest first
+    padded = lambda order: sum(max(lengths[i] for i in b) * len(b) for b in order)  # noqa: E731
+    plain_batches = [batch_indices(s, bs, n, seed) for s in range(100)]
+    grouped_batches = [batch_indices(s, bs, n, seed, lengths) for s in range(100)]
+    assert padded(grouped_batches) < 0.7 * padded(plain_batches)
+    assert batch_indices(77, bs, n, seed, lengths) == grouped_batches[77]  # any step, recomputed on demand
+    assert batch_indices(0, bs, n, seed + 1, lengths) != grouped_batches[0]

@@ -76,6 +76,7 @@ def run_one(method: str, task: str, seed: int, budget: int, points: int, setting
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "zoact_edge", "tune", "--method", method, "--task", task, "--seed", str(seed),
                "--steps", str(steps), "--eval-every", str(every), "--batch-size", str(args.batch_size),
+               "--batch-order", args.batch_order,
                "--eval-samples", str(args.eval_samples), "--save-every", "0", "--output", str(out)]
         if args.bits:
             cmd += ["--bits", str(args.bits)]
@@ -103,7 +104,7 @@ def run_one(method: str, task: str, seed: int, budget: int, points: int, setting
         "curve": curve, "wall_seconds": round(time.time() - t0, 1),
         "seconds_per_step": summary["seconds_per_step"], "peak_rss_bytes": summary["peak_rss_bytes"],
         "settings": settings, "batch_size": args.batch_size, "eval_samples": args.eval_samples,
-        "bits": args.bits or 32,
+        "bits": args.bits or 32, "batch_order": args.batch_order,
     }
 
 
@@ -119,13 +120,14 @@ def _save(path: Path, data: dict) -> None:
 
 
 def _same_scale(r: dict, args) -> bool:
-    """Whether record ``r`` ran at this invocation's forward budget, batch, eval samples and bits.
+    """Whether record ``r`` ran at this invocation's forward budget, batch (size and order), eval samples and bits.
 
     A choice read from runs at another scale (say a 600-forward sweep) would not be this one's.
     """
     same_budget = r["method"] in FIXED or r["forwards"] == spent(r["method"], args.budget)  # calibrate takes no steps
-    return same_budget and (r["batch_size"], r["eval_samples"], r["bits"]) == (args.batch_size, args.eval_samples,
-                                                                               args.bits or 32)
+    # records from before --batch-order read random batches
+    return same_budget and (r["batch_size"], r.get("batch_order", "random"), r["eval_samples"], r["bits"]) == (
+        args.batch_size, args.batch_order, args.eval_samples, args.bits or 32)
 
 
 def _same_run(r: dict, method: str, task: str, seed: int, settings: dict, args) -> bool:
@@ -311,6 +313,9 @@ def main(argv=None) -> None:
         s.add_argument("--points", type=int, default=5, help="validation evaluations per run (plus zero-shot and "
                                                              "final)")
         s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--batch-order", default="random", choices=["random", "length"],
+                       help="tune's --batch-order for every run (default: random, the committed comparison's; "
+                            "tune's own default is length)")
         s.add_argument("--eval-samples", type=int, default=500)
         s.add_argument("--bits", type=int, default=0, help="frozen weight bits (default: 32)")
         s.add_argument("--sweep-file", default=str(RESULTS / "sweep.json"))

@@ -2,12 +2,12 @@
 
 The 4-bit default run needs about 1.5x its steps to pass +15 points (docs/results.md, "More steps close
 it"), and a CPU forward is compute bound: its time follows the tokens it computes, padding included.
-This script reads the default run's own training batches (``batch_indices``: the steps of a seed-0 run)
-and reports, for each batch size, the share of computed positions that are real tokens, then times the
-model's forward, side by side, on those batches and on the same number of batches formed from
-length-sorted groups (the same examples, grouped by length the way a length-grouped sampler would form
-them). The timed ratio is the speed-up a length-grouped or unpadded step could reach; it does not
-say how such batches would train.
+This script reads the random order's training batches (``batch_indices`` without lengths: the steps of a
+seed-0 ``--batch-order random`` run, the default when this was measured) and reports, for each batch size,
+the share of computed positions that are real tokens, then times the model's forward, side by side, on those
+batches and on the same number of batches formed from length-sorted groups (the same examples, grouped by
+length). The timed ratio is the speed-up a length-grouped or unpadded step could reach; it does not say how
+such batches train (docs/results.md measures that for ``--batch-order length``, now the default).
 
     python tools/diagnose_padding.py        # -> docs/results/diagnose_padding.json
 

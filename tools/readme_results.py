@@ -2,9 +2,10 @@
 
 Usage: python tools/readme_results.py            # rewrites the blocks between the markers
 
-* ``docs/results/default-*.json``: each a ``summary.json`` written by ``zoact-edge tune`` (plus the
-  command that produced it): the default-run table of docs/results.md and the Quick start output
-  of README.md;
+* ``docs/results/default-*.json`` (each the ``summary.json`` and config of a default run) and
+  ``docs/results/seeds-default.json`` (the default commands at other seeds, and probes): the default-run
+  table and the validation curves of docs/results.md and the Quick start output of README.md, drawn by
+  ``tools/record_runs.py``;
 * ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``, and
   README.md's one line on where ZO-Act stands;
 * ``docs/results/sweep.json``: its learning-rate sweep (validation split only);
@@ -12,8 +13,6 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``;
 * ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
   exact one-query ZO), beside the comparison's runs of the same task and seed;
-* ``docs/results/seeds-default.json``: the default commands at other seeds (``tools/record_runs.py``),
-  under the default-run table, and the validation curves of the runs that have one;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space);
 * ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
@@ -41,9 +40,7 @@ from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
-from record_runs import command, curve_table  # noqa: E402
-
-from zoact_edge.memory import fmt_bytes  # noqa: E402  (bench_convergence loads torch already)
+from record_runs import curve_table, quickstart, runs_table  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -62,86 +59,6 @@ LBEGIN, LEND = "<!-- curves:begin -->", "<!-- curves:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
-
-
-def _mib(n):
-    return f"{n / 2**20:,.0f} MiB" if n else "n/a"
-
-
-def _defaults() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("default-*.json"))]
-
-
-def _note(s: dict) -> str:
-    """A run's note, after the start it tuned from where the 4-bit rounding was compensated (--compensate)."""
-    start = s.get("compensation", {}).get("start")
-    shown = f"compensated start {start['accuracy']:.3f} / loss {start['loss']:.3f}; " if start else ""
-    return shown + s.get("note", "")
-
-
-def table() -> str:
-    rows = [
-        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS "
-        "| code, notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in _defaults():
-        z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
-        rows.append(
-            f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min "
-            f"| {_mib(s.get('peak_rss_bytes'))} "
-            f"| {s.get('code', '')} {_note(s)} |"
-        )
-    seeds = (_load("seeds-default.json") or {}).get("records", [])
-    for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
-        z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
-        rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
-                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {_note(s)} |")
-    rows.append("")
-
-    def spread(label: str, runs: list) -> str:
-        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
-        return (f"{label} over seeds {', '.join(str(s.get('seed', 0)) for s in runs)}: "
-                f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
-                f"({', '.join(f'{g:+.1f}' for g in gains)}).")
-
-    for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
-        runs = [s for s in _defaults() if s["bits"] == bits] + [
-            s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", "seed"}]
-        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", runs))
-    probes: dict = {}  # other commands run at several seeds: grouped by their options but the seed
-    for s in seeds:
-        probes.setdefault(command({k: v for k, v in s["options"].items() if k != "seed"}), []).append(s)
-    for line, runs in probes.items():
-        if len(runs) > 1 and not set(runs[0]["options"]) <= {"bits", "seed"}:
-            rows.append(spread(f"`{line}`", sorted(runs, key=lambda r: r["seed"])))
-    return "\n".join(rows).rstrip()
-
-
-def quickstart() -> str:
-    """What ``zoact-edge tune`` prints at the end (``train.describe``), for the committed fp32 default run,
-    then one line per other default run."""
-    runs = {s["bits"]: s for s in _defaults()}
-    s = runs[32]
-    z, t = s["zero_shot"], s["tuned"]
-    out = ["```text",
-           "output: runs/rotten-tomatoes-<date>-<time>",
-           f"validation accuracy: zero-shot {z['accuracy']:.4f} -> tuned {t['accuracy']:.4f} "
-           f"({100 * (t['accuracy'] - z['accuracy']):+.1f} points, {t['examples']} examples)",
-           f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}",
-           f"steps: {s['steps']}  ({s['seconds_per_step']:.2f} s/step)  "
-           f"wall time this run: {s['wall_seconds_this_run']:.0f} s",
-           f"peak memory: RSS {fmt_bytes(s['peak_rss_bytes'])}",
-           "```", ""]
-    for bits, o in sorted(runs.items()):
-        if bits == 32:
-            continue
-        out.append(f"`{o['command']}` on the same machine: {o['zero_shot']['accuracy']:.3f} -> "
-                   f"{o['tuned']['accuracy']:.3f} in {o['wall_seconds_this_run'] / 60:.1f} min, "
-                   f"peak RSS {_mib(o['peak_rss_bytes'])}\n(the fp32 run above: "
-                   f"{s['wall_seconds_this_run'] / 60:.1f} min, {_mib(s['peak_rss_bytes'])}).")
-    return "\n".join(out)
 
 
 def _stats(values) -> tuple[float, float] | None:
@@ -393,7 +310,7 @@ def main() -> None:
     conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
     budget, oracle, curv = _load("budget.json"), _load("diagnose_oracle.json"), _load("diagnose_curvature.json")
     blocks = {
-        ROOT / "docs" / "results.md": [(BEGIN, END, table())]
+        ROOT / "docs" / "results.md": [(BEGIN, END, runs_table())]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])

@@ -8,15 +8,20 @@ and single probes of other settings of the same command:
     python tools/record_runs.py runs/bits4-s1 runs/bits4-s2 --note "two at a time, one thread each"
     python tools/readme_results.py
 
-Each record is the run's ``summary.json`` plus its seed, the options that differ from the defaults, the
-command they make, the note and, for a run with ``--eval-every``, its validation curve. A run already in
-the file (same command) is replaced.
+Each record is the run's ``summary.json`` plus its seed, its whole config, the options that differ from the
+defaults, the command they make, the note and, for a run with ``--eval-every``, its validation curve. A run
+already in the file (same command) is replaced. The options and commands are re-derived from the configs
+against today's defaults (:func:`current`) at every write and by ``readme_results.py``, so a record made
+before a default changed names the option it ran with. The tables these runs make (the default-run table and
+the validation curves of docs/results.md, the Quick start output of README.md) are drawn here too, for
+``readme_results.py`` to write.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 from zoact_edge.config import TuneConfig  # noqa: E402
+from zoact_edge.memory import fmt_bytes  # noqa: E402
 
-PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds-default.json"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+PATH = RESULTS / "seeds-default.json"
 WHERE = ("output", "overwrite", "model_folder")  # where a run was written, not what it ran
 
 
@@ -49,7 +56,16 @@ def record(run: Path, note: str) -> dict:
         curve.append({"step": summary["steps"], "accuracy": summary["tuned"]["accuracy"],
                       "loss": summary["tuned"]["loss"]})
     return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note,
-            **({"eval_curve": curve} if curve else {})}
+            **({"eval_curve": curve} if curve else {}), "config": config}
+
+
+def current(rec: dict) -> dict:
+    """``rec`` with its options and command re-derived from its config against today's defaults (a record
+    without a config, none in the committed files, is returned as it is)."""
+    if "config" not in rec:
+        return rec
+    options = options_of(rec["config"], rec)
+    return {**rec, "options": options, "command": command(options)}
 
 
 def eval_curve(run: Path) -> list[dict]:
@@ -83,13 +99,100 @@ def options_of(config: dict, summary: dict) -> dict:
 
 def curve_table(data: dict) -> str:
     """One row per recorded run with a validation curve: accuracy / loss at each evaluated step (docs/results.md)."""
-    recs = [r for r in data.get("records", []) if r.get("eval_curve")]
+    recs = [current(r) for r in data.get("records", []) if r.get("eval_curve")]
     steps = sorted({p["step"] for r in recs for p in r["eval_curve"]})
     rows = ["| command | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for r in sorted(recs, key=lambda r: (r["command"].replace(f" --seed {r['seed']}", ""), r["seed"])):
         at = {p["step"]: f"{p['accuracy']:.3f} / {p['loss']:.3f}" for p in r["eval_curve"]}
         rows.append(f"| `{r['command']}` | " + " | ".join(at.get(s, "") for s in steps) + " |")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- docs/results.md and README.md
+
+
+def _mib(n):
+    return f"{n / 2**20:,.0f} MiB" if n else "n/a"
+
+
+def _defaults() -> list[dict]:
+    return [current(json.loads(p.read_text())) for p in sorted(RESULTS.glob("default-*.json"))]
+
+
+def _note(s: dict) -> str:
+    """A run's note, after the start it tuned from where the 4-bit rounding was compensated (--compensate)."""
+    start = s.get("compensation", {}).get("start")
+    shown = f"compensated start {start['accuracy']:.3f} / loss {start['loss']:.3f}; " if start else ""
+    return shown + s.get("note", "")
+
+
+def runs_table() -> str:
+    rows = [
+        "| command | frozen weights | zero-shot acc. | tuned acc. | Δ points | steps | s/step | wall time | peak RSS "
+        "| code, notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in _defaults():
+        z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
+        rows.append(
+            f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
+            f"| {s['seconds_per_step']:.2f} | {s['wall_seconds_this_run'] / 60:.1f} min "
+            f"| {_mib(s.get('peak_rss_bytes'))} "
+            f"| {s.get('code', '')} {_note(s)} |"
+        )
+    seeds = [current(r) for r in json.loads(PATH.read_text())["records"]] if PATH.exists() else []
+    for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
+        z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
+        rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
+                    f"| — | — | {_mib(s.get('peak_rss_bytes'))} | {_note(s)} |")
+    rows.append("")
+
+    def spread(label: str, runs: list) -> str:
+        runs = list({s.get("seed", 0): s for s in reversed(runs)}.values())[::-1]  # a seed once: its first run
+        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
+        return (f"{label} over seeds {', '.join(str(s.get('seed', 0)) for s in runs)}: "
+                f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
+                f"({', '.join(f'{g:+.1f}' for g in gains)}).")
+
+    # --eval-every only reads the validation split (no draw of the run's changes): a run with it is the run without
+    same_run = {"seed", "eval_every"}
+    for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
+        others = [s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", *same_run}]
+        runs = [s for s in _defaults() if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"])
+        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", runs))
+    probes: dict = {}  # other commands run at several seeds: grouped by their options but the seed
+    for s in seeds:
+        probes.setdefault(command({k: v for k, v in s["options"].items() if k not in same_run}), []).append(s)
+    for line, runs in probes.items():
+        if len({r["seed"] for r in runs}) > 1 and not set(runs[0]["options"]) <= {"bits", *same_run}:
+            rows.append(spread(f"`{line}`", sorted(runs, key=lambda r: r["seed"])))
+    return "\n".join(rows).rstrip()
+
+
+def quickstart() -> str:
+    """What ``zoact-edge tune`` prints at the end (``train.describe``), for the committed fp32 default run,
+    then one line per other default run."""
+    runs = {s["bits"]: s for s in _defaults()}
+    s = runs[32]
+    z, t = s["zero_shot"], s["tuned"]
+    out = ["```text",
+           "output: runs/rotten-tomatoes-<date>-<time>",
+           f"validation accuracy: zero-shot {z['accuracy']:.4f} -> tuned {t['accuracy']:.4f} "
+           f"({100 * (t['accuracy'] - z['accuracy']):+.1f} points, {t['examples']} examples)",
+           f"validation loss: zero-shot {z['loss']:.4f} -> tuned {t['loss']:.4f}",
+           f"steps: {s['steps']}  ({s['seconds_per_step']:.2f} s/step)  "
+           f"wall time this run: {s['wall_seconds_this_run']:.0f} s",
+           f"peak memory: RSS {fmt_bytes(s['peak_rss_bytes'])}",
+           "```", ""]
+    for bits, o in sorted(runs.items()):
+        if bits == 32:
+            continue
+        out.append(f"`{o['command']}` on the same machine: {o['zero_shot']['accuracy']:.3f} -> "
+                   f"{o['tuned']['accuracy']:.3f} in {o['wall_seconds_this_run'] / 60:.1f} min, "
+                   f"peak RSS {_mib(o['peak_rss_bytes'])}\n(the fp32 run above: "
+                   f"{s['wall_seconds_this_run'] / 60:.1f} min, {_mib(s['peak_rss_bytes'])}).")
+    return "\n".join(out)
+
 
 
 def main(argv=None) -> None:
@@ -102,7 +205,7 @@ def main(argv=None) -> None:
 
     def change(data: dict) -> None:
         commands = {r["command"] for r in new}
-        data["records"] = [r for r in data["records"] if r["command"] not in commands] + new
+        data["records"] = [current(r) for r in data["records"] if current(r)["command"] not in commands] + new
 
     locked_update(Path(args.output), change)
     for r in new:

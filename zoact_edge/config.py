@@ -104,9 +104,13 @@ class TuneConfig:
     adapter_dtype: str = opt("auto", "dtype of the bases and the adapter matmuls (coefficients B stay fp32): auto = "
                                      "fp32 on CPU, fp16 on GPU", ["auto", "fp32", "fp16", "bf16"])
     # ZO step and optimizer
-    steps: int = opt(300, "ZO steps (each costs 2 x queries forwards)")
+    steps: int = opt(450, "ZO steps (each costs 2 x queries forwards)")
     batch_size: int = opt(8, "training examples per step (on CPU, more small steps beat fewer large ones at equal "
                              "time: ZO noise, not batch noise, dominates)")
+    batch_order: str = opt("length", "length: the seeded shuffle of the training set regrouped by token length in "
+                                     "windows of 50 batches (the same examples per window, little padding: 1.6x "
+                                     "faster CPU steps); random: batches straight from the shuffle",
+                           ["length", "random"])
     eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see "
                            "models._keep_cpu_4bit_in_fp32)")
     queries: int = opt(1, "random directions averaged per step")
@@ -153,10 +157,8 @@ class TuneConfig:
             (self.max_length >= 4, "--max-length must be >= 4"),
             (math.isfinite(self.eps) and self.eps > 0, "--eps must be a finite number > 0"),
             (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr must be a finite number > 0"),
-            (
-                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                "--weight-decay must be a finite number >= 0",
-            ),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "--weight-decay must be a finite number >= 0"),
             (math.isfinite(self.momentum) and 0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be >= 1"),
             (self.rank >= 1 and self.steps <= 10**9, "--rank must be >= 1 and --steps at most 1e9"),
@@ -171,14 +173,10 @@ class TuneConfig:
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every / --eval-every must be >= 0"),
             (self.resample_every >= 0, "--resample-every must be >= 0"),
             (self.resample_every == 0 or self.method == "subspace", "--resample-every is for --method subspace"),
-            (
-                self.perturb == "plain" or self.method in ("zoact", "subspace"),
-                "--perturb is for --method zoact or subspace",
-            ),
-            (
-                self.perturb != "whiten" or self.method == "zoact",
-                "--perturb whiten needs activation bases: --method zoact",
-            ),
+            (self.perturb == "plain" or self.method in ("zoact", "subspace"),
+             "--perturb is for --method zoact or subspace"),
+            (self.perturb != "whiten" or self.method == "zoact",
+             "--perturb whiten needs activation bases: --method zoact"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -57,6 +57,7 @@ def _saved_config(folder: Path, what: str) -> dict:
         raise UserError(f"{what}: unreadable {path}: {e}") from None
     if not isinstance(saved, dict):
         raise UserError(f"{what}: {path} is not a mapping of options")
+    saved.setdefault("batch_order", "random")  # a run from before --batch-order read random batches
     return saved
 
 

@@ -89,10 +89,30 @@ def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=gen).tolist())
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The training examples of ``step``: epochs of seeded permutations, read as one long stream."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in positions]
+def _stream(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Positions ``start ..`` of the training stream: epochs of seeded permutations, read one after another."""
+    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in range(start, start + count)]
+
+
+GROUP_BATCHES = 50  # --batch-order length: the stream is regrouped in windows of this many batches
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, lengths: list[int] | None = None) -> list[int]:
+    """The training examples of ``step``: the next ``batch_size`` of the stream (:func:`_stream`).
+
+    With ``lengths`` (each example's token count: ``--batch-order length``), the stream is read in windows
+    of :data:`GROUP_BATCHES` batches. A window's examples are sorted by length and cut into batches, and
+    those batches are visited in a seeded order: every window holds exactly the examples the random
+    order gives it, but each batch pads little, since its examples are about as long as each other.
+    """
+    if lengths is None:
+        return _stream(step * batch_size, batch_size, n, seed)
+    window, slot = divmod(step, GROUP_BATCHES)
+    members = sorted(_stream(window * GROUP_BATCHES * batch_size, GROUP_BATCHES * batch_size, n, seed),
+                     key=lambda i: lengths[i])  # stable: equal lengths keep their stream order
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0x6B0B, window))
+    at = int(torch.randperm(GROUP_BATCHES, generator=gen)[slot]) * batch_size
+    return members[at:at + batch_size]
 
 
 def sample_indices(n: int, count: int, seed: int, tag: int) -> list[int]:

@@ -79,7 +79,7 @@ def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t
     bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
     with open(out / "metrics.jsonl", "a") as metrics:
         for step in bar:
-            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed)
+            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed, inputs.train_lengths)
             batch = task.collate([splits.train[i] for i in idx]).to(device)
             lr = cfg.lr * lr_factor(step, cfg)
             record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TuneConfig
+from ..data.evaluate import example_lengths
 from ..data.tasks import build_task
 from ..memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes
 from ..models import Loaded, load_model
@@ -30,6 +31,7 @@ class Inputs:
     task: object
     splits: object
     eval_set: list
+    train_lengths: list[int] | None = None  # --batch-order length: each training example's token count
 
     @property
     def model(self):
@@ -44,7 +46,8 @@ def load_inputs(cfg: TuneConfig) -> Inputs:
     """The model (at ``cfg.load_bits``), the task, its splits and the validation examples."""
     loaded = load_model(cfg.model, cfg.load_bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     task, splits = build_task(cfg, loaded.tokenizer)
-    return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None])
+    lengths = example_lengths(task, splits.train) if cfg.batch_order == "length" else None
+    return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None], lengths)
 
 
 # --------------------------------------------------------------------------- finish

@@ -142,7 +142,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
             if step + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
-            idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed)
+            idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed, inputs.train_lengths)
             idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
             micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])
                      .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
