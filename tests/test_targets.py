@@ -72,3 +72,14 @@ def test_length_order_regroups_each_window_of_the_random_stream():
     assert padded(grouped_batches) < 0.7 * padded(plain_batches)
     assert batch_indices(77, bs, n, seed, lengths) == grouped_batches[77]  # any step, recomputed on demand
     assert batch_indices(0, bs, n, seed + 1, lengths) != grouped_batches[0]
+
+
+def test_length_order_windows_shrink_to_a_small_training_split():
+    """16 examples, batch 4: a window is the 4 batches of one epoch, so every epoch still reads each example once
+    (a 50-batch window would hold each of them 12 times, in batches of copies)."""
+    n, bs = 16, 4
+    lengths = [5, 9, 7, 3, 8, 2, 6, 4, 9, 1, 3, 7, 2, 8, 5, 6]
+    for epoch in range(3):
+        batches = [batch_indices(s, bs, n, seed=1, lengths=lengths) for s in range(4 * epoch, 4 * epoch + 4)]
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 2 for b in batches)

@@ -108,8 +108,8 @@ class TuneConfig:
     batch_size: int = opt(8, "training examples per step (on CPU, more small steps beat fewer large ones at equal "
                              "time: ZO noise, not batch noise, dominates)")
     batch_order: str = opt("length", "length: the seeded shuffle of the training set regrouped by token length in "
-                                     "windows of 50 batches (the same examples per window, little padding: 1.6x "
-                                     "faster CPU steps); random: batches straight from the shuffle",
+                                     "windows of 50 batches, at most an epoch (the same examples per window, little "
+                                     "padding: 1.6x faster CPU steps); random: batches straight from the shuffle",
                            ["length", "random"])
     eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see "
                            "models._keep_cpu_4bit_in_fp32)")

@@ -101,17 +101,20 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, lengths: list[i
     """The training examples of ``step``: the next ``batch_size`` of the stream (:func:`_stream`).
 
     With ``lengths`` (each example's token count: ``--batch-order length``), the stream is read in windows
-    of :data:`GROUP_BATCHES` batches. A window's examples are sorted by length and cut into batches, and
-    those batches are visited in a seeded order: every window holds exactly the examples the random
-    order gives it, but each batch pads little, since its examples are about as long as each other.
+    of :data:`GROUP_BATCHES` batches, fewer where the training split holds fewer examples (a window never
+    spans more than an epoch, so it never holds an example twice but where it crosses from one epoch into
+    the next). A window's examples are sorted by length and cut into batches, and those batches are visited
+    in a seeded order: every window holds exactly the examples the random order gives it, but each batch
+    pads little, since its examples are about as long as each other.
     """
     if lengths is None:
         return _stream(step * batch_size, batch_size, n, seed)
-    window, slot = divmod(step, GROUP_BATCHES)
-    members = sorted(_stream(window * GROUP_BATCHES * batch_size, GROUP_BATCHES * batch_size, n, seed),
+    per_window = max(1, min(GROUP_BATCHES, n // batch_size))
+    window, slot = divmod(step, per_window)
+    members = sorted(_stream(window * per_window * batch_size, per_window * batch_size, n, seed),
                      key=lambda i: lengths[i])  # stable: equal lengths keep their stream order
     gen = torch.Generator().manual_seed(derive_seed(seed, 0x6B0B, window))
-    at = int(torch.randperm(GROUP_BATCHES, generator=gen)[slot]) * batch_size
+    at = int(torch.randperm(per_window, generator=gen)[slot]) * batch_size
     return members[at:at + batch_size]
 
 
