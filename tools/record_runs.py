@@ -56,7 +56,7 @@ def record(run: Path, note: str) -> dict:
         curve.append({"step": summary["steps"], "accuracy": summary["tuned"]["accuracy"],
                       "loss": summary["tuned"]["loss"]})
     return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note,
-            **({"eval_curve": curve} if curve else {}), "config": config}
+            **({"eval_curve": curve} if curve else {}), "config": {k: v for k, v in config.items() if k not in WHERE}}
 
 
 def current(rec: dict) -> dict:
