@@ -115,8 +115,30 @@ def _mib(n):
     return f"{n / 2**20:,.0f} MiB" if n else "n/a"
 
 
+# --eval-every only reads the validation split (no draw of the run's changes): a run with it is the run without
+SAME_RUN = {"seed", "eval_every"}
+
+
 def _defaults() -> list[dict]:
     return [current(json.loads(p.read_text())) for p in sorted(RESULTS.glob("default-*.json"))]
+
+
+def _records() -> list[dict]:
+    return [current(r) for r in json.loads(PATH.read_text())["records"]] if PATH.exists() else []
+
+
+def _default_runs(bits: int, seeds: list[dict]) -> list[dict]:
+    """The default command at ``bits``, once per seed: the default run (seed 0), then the records by seed."""
+    others = [s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", *SAME_RUN}]
+    return _once_per_seed([s for s in _defaults() if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"]))
+
+
+def _once_per_seed(runs: list[dict]) -> list[dict]:
+    return list({s.get("seed", 0): s for s in reversed(runs)}.values())[::-1]  # a seed once: its first run
+
+
+def _gains(runs: list[dict]) -> list[float]:
+    return [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
 
 
 def _note(s: dict) -> str:
@@ -140,7 +162,7 @@ def runs_table() -> str:
             f"| {_mib(s.get('peak_rss_bytes'))} "
             f"| {s.get('code', '')} {_note(s)} |"
         )
-    seeds = [current(r) for r in json.loads(PATH.read_text())["records"]] if PATH.exists() else []
+    seeds = _records()
     for s in sorted(seeds, key=lambda r: (-r["bits"], r["seed"])):
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
         rows.append(f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
@@ -148,23 +170,19 @@ def runs_table() -> str:
     rows.append("")
 
     def spread(label: str, runs: list) -> str:
-        runs = list({s.get("seed", 0): s for s in reversed(runs)}.values())[::-1]  # a seed once: its first run
-        gains = [100 * (s["tuned"]["accuracy"] - s["zero_shot"]["accuracy"]) for s in runs]
+        runs = _once_per_seed(runs)
+        gains = _gains(runs)
         return (f"{label} over seeds {', '.join(str(s.get('seed', 0)) for s in runs)}: "
                 f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
                 f"({', '.join(f'{g:+.1f}' for g in gains)}).")
 
-    # --eval-every only reads the validation split (no draw of the run's changes): a run with it is the run without
-    same_run = {"seed", "eval_every"}
     for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
-        others = [s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", *same_run}]
-        runs = [s for s in _defaults() if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"])
-        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", runs))
+        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", _default_runs(bits, seeds)))
     probes: dict = {}  # other commands run at several seeds: grouped by their options but the seed
     for s in seeds:
-        probes.setdefault(command({k: v for k, v in s["options"].items() if k not in same_run}), []).append(s)
+        probes.setdefault(command({k: v for k, v in s["options"].items() if k not in SAME_RUN}), []).append(s)
     for line, runs in probes.items():
-        if len({r["seed"] for r in runs}) > 1 and not set(runs[0]["options"]) <= {"bits", *same_run}:
+        if len({r["seed"] for r in runs}) > 1 and not set(runs[0]["options"]) <= {"bits", *SAME_RUN}:
             rows.append(spread(f"`{line}`", sorted(runs, key=lambda r: r["seed"])))
     return "\n".join(rows).rstrip()
 
@@ -191,6 +209,13 @@ def quickstart() -> str:
                    f"{o['tuned']['accuracy']:.3f} in {o['wall_seconds_this_run'] / 60:.1f} min, "
                    f"peak RSS {_mib(o['peak_rss_bytes'])}\n(the fp32 run above: "
                    f"{s['wall_seconds_this_run'] / 60:.1f} min, {_mib(s['peak_rss_bytes'])}).")
+    seeds = _records()
+    spreads = {bits: _default_runs(bits, seeds) for bits in sorted(runs, reverse=True)}
+    if all(len(r) > 1 for r in spreads.values()):  # what one seed's end point is worth
+        out.append("The gain over zero-shot, mean ± sd over seeds: " + ";\n".join(
+            f"{'fp32' if bits == 32 else f'`--bits {bits}`'} {statistics.mean(_gains(rs)):+.1f} ± "
+            f"{statistics.pstdev(_gains(rs)):.1f} points (seeds {', '.join(str(r.get('seed', 0)) for r in rs)})"
+            for bits, rs in spreads.items()) + " ([docs/results.md](docs/results.md)).")
     return "\n".join(out)
 
 
