@@ -48,7 +48,6 @@ def test_batches_cover_each_epoch_once_and_are_stateless():
     assert batch_indices(0, bs, n, seed=4) != batch_indices(0, bs, n, seed=3)
 
 
-
 def test_length_order_regroups_each_window_of_the_random_stream():
     """--batch-order length: per window of GROUP_BATCHES batches, the same examples as the random order,
     cut into batches of neighbouring lengths and visited in a seeded order."""

@@ -29,7 +29,6 @@ import torch
 from zoact_edge.cli.options import add_options
 from zoact_edge.config import TuneConfig
 from zoact_edge.data.datasets import batch_indices
-from zoact_edge.data.evaluate import example_lengths
 from zoact_edge.data.tasks import hidden_states
 from zoact_edge.recipes.harness import load_inputs
 
@@ -72,10 +71,10 @@ def main(argv=None) -> None:
     p.add_argument("--output", default=str(OUT))
     add_options(p, TuneConfig, only=TUNE_OPTIONS)
     args = p.parse_args(argv)
-    cfg = replace(TuneConfig(), **{k: v for k, v in vars(args).items() if k in TUNE_OPTIONS and v is not None})
+    cfg = replace(TuneConfig(), batch_order="length",
+                  **{k: v for k, v in vars(args).items() if k in TUNE_OPTIONS and v is not None})
     inputs = load_inputs(cfg)
-    task, train = inputs.task, inputs.splits.train
-    length = example_lengths(task, train)
+    task, train, length = inputs.task, inputs.splits.train, inputs.train_lengths
     sizes = {}
     for bs in sorted({int(b) for b in args.batch_sizes.split(",")}):
         run = [batch_indices(s, bs, len(train), cfg.seed) for s in range(args.steps)]

@@ -50,13 +50,12 @@ def command(options: dict) -> str:
 def record(run: Path, note: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "run_config.json").read_text())
-    options = options_of(config, summary)
     curve = eval_curve(run)
     if curve:  # the final eval closes the curve
         curve.append({"step": summary["steps"], "accuracy": summary["tuned"]["accuracy"],
                       "loss": summary["tuned"]["loss"]})
-    return {**summary, "seed": config["seed"], "options": options, "command": command(options), "note": note,
-            **({"eval_curve": curve} if curve else {}), "config": {k: v for k, v in config.items() if k not in WHERE}}
+    return current({**summary, "seed": config["seed"], "note": note, **({"eval_curve": curve} if curve else {}),
+                    "config": {k: v for k, v in config.items() if k not in WHERE}})
 
 
 def current(rec: dict) -> dict:
@@ -127,10 +126,10 @@ def _records() -> list[dict]:
     return [current(r) for r in json.loads(PATH.read_text())["records"]] if PATH.exists() else []
 
 
-def _default_runs(bits: int, seeds: list[dict]) -> list[dict]:
+def _default_runs(bits: int, defaults: list[dict], seeds: list[dict]) -> list[dict]:
     """The default command at ``bits``, once per seed: the default run (seed 0), then the records by seed."""
     others = [s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", *SAME_RUN}]
-    return _once_per_seed([s for s in _defaults() if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"]))
+    return _once_per_seed([s for s in defaults if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"]))
 
 
 def _once_per_seed(runs: list[dict]) -> list[dict]:
@@ -154,7 +153,8 @@ def runs_table() -> str:
         "| code, notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for s in _defaults():
+    defaults = _defaults()
+    for s in defaults:
         z, t = s["zero_shot"]["accuracy"], s["tuned"]["accuracy"]
         rows.append(
             f"| `{s['command']}` | {s['bits']}-bit | {z:.3f} | {t:.3f} | {100 * (t - z):+.1f} | {s['steps']} "
@@ -177,7 +177,7 @@ def runs_table() -> str:
                 f"({', '.join(f'{g:+.1f}' for g in gains)}).")
 
     for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
-        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", _default_runs(bits, seeds)))
+        rows.append(spread(f"{bits}-bit (seed 0 is the default run)", _default_runs(bits, defaults, seeds)))
     probes: dict = {}  # other commands run at several seeds: grouped by their options but the seed
     for s in seeds:
         probes.setdefault(command({k: v for k, v in s["options"].items() if k not in SAME_RUN}), []).append(s)
@@ -190,7 +190,8 @@ def runs_table() -> str:
 def quickstart() -> str:
     """What ``zoact-edge tune`` prints at the end (``train.describe``), for the committed fp32 default run,
     then one line per other default run."""
-    runs = {s["bits"]: s for s in _defaults()}
+    defaults = _defaults()
+    runs = {s["bits"]: s for s in defaults}
     s = runs[32]
     z, t = s["zero_shot"], s["tuned"]
     out = ["```text",
@@ -210,14 +211,13 @@ def quickstart() -> str:
                    f"peak RSS {_mib(o['peak_rss_bytes'])}\n(the fp32 run above: "
                    f"{s['wall_seconds_this_run'] / 60:.1f} min, {_mib(s['peak_rss_bytes'])}).")
     seeds = _records()
-    spreads = {bits: _default_runs(bits, seeds) for bits in sorted(runs, reverse=True)}
+    spreads = {bits: _default_runs(bits, defaults, seeds) for bits in sorted(runs, reverse=True)}
     if all(len(r) > 1 for r in spreads.values()):  # what one seed's end point is worth
         out.append("The gain over zero-shot, mean ± sd over seeds: " + ";\n".join(
             f"{'fp32' if bits == 32 else f'`--bits {bits}`'} {statistics.mean(_gains(rs)):+.1f} ± "
             f"{statistics.pstdev(_gains(rs)):.1f} points (seeds {', '.join(str(r.get('seed', 0)) for r in rs)})"
             for bits, rs in spreads.items()) + " ([docs/results.md](docs/results.md)).")
     return "\n".join(out)
-
 
 
 def main(argv=None) -> None:
@@ -230,7 +230,8 @@ def main(argv=None) -> None:
 
     def change(data: dict) -> None:
         commands = {r["command"] for r in new}
-        data["records"] = [current(r) for r in data["records"] if current(r)["command"] not in commands] + new
+        kept = [current(r) for r in data["records"]]
+        data["records"] = [r for r in kept if r["command"] not in commands] + new
 
     locked_update(Path(args.output), change)
     for r in new:

@@ -26,7 +26,8 @@ PROFILE_METHODS = ("inference", "zoact", "mezo", "fo-lora", "fo-full")  # what `
 
 
 def opt(default, help: str, choices=None, cli: bool = True, **extra):  # noqa: A002 - mirrors argparse
-    """A field that is also a command-line option (``cli=False``: a field only; ``cli_default=``: the option's own)."""
+    """A field that is also a command-line option (``cli=False``: a field only; ``cli_default=``: the option's own;
+    ``absent=``: the value a saved run from before the option existed ran with)."""
     return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, **extra})
 
 
@@ -110,7 +111,7 @@ class TuneConfig:
     batch_order: str = opt("length", "length: the seeded shuffle of the training set regrouped by token length in "
                                      "windows of 50 batches, at most an epoch (the same examples per window, little "
                                      "padding: 1.6x faster CPU steps); random: batches straight from the shuffle",
-                           ["length", "random"])
+                           ["length", "random"], absent="random")
     eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see "
                            "models._keep_cpu_4bit_in_fp32)")
     queries: int = opt(1, "random directions averaged per step")

@@ -57,8 +57,9 @@ def _saved_config(folder: Path, what: str) -> dict:
         raise UserError(f"{what}: unreadable {path}: {e}") from None
     if not isinstance(saved, dict):
         raise UserError(f"{what}: {path} is not a mapping of options")
-    saved.setdefault("batch_order", "random")  # a run from before --batch-order read random batches
-    return saved
+    # an option newer than the run: the value the run ran with (its field's ``absent``), not today's default
+    return {**{f.name: f.metadata["absent"] for f in dataclasses.fields(TuneConfig) if "absent" in f.metadata},
+            **saved}
 
 
 def cmd_eval(args: dict) -> int:

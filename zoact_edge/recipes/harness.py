@@ -8,6 +8,7 @@ the memory yardstick in :mod:`zoact_edge.profiling.meter`.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,12 @@ class Inputs:
     task: object
     splits: object
     eval_set: list
-    train_lengths: list[int] | None = None  # --batch-order length: each training example's token count
+    batch_order: str = "random"
+
+    @functools.cached_property
+    def train_lengths(self) -> list[int] | None:
+        """--batch-order length: each training example's token count (counted once, when first asked for)."""
+        return example_lengths(self.task, self.splits.train) if self.batch_order == "length" else None
 
     @property
     def model(self):
@@ -46,8 +52,7 @@ def load_inputs(cfg: TuneConfig) -> Inputs:
     """The model (at ``cfg.load_bits``), the task, its splits and the validation examples."""
     loaded = load_model(cfg.model, cfg.load_bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     task, splits = build_task(cfg, loaded.tokenizer)
-    lengths = example_lengths(task, splits.train) if cfg.batch_order == "length" else None
-    return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None], lengths)
+    return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None], cfg.batch_order)
 
 
 # --------------------------------------------------------------------------- finish
