@@ -17,7 +17,7 @@ from zoact_edge.adapters.build import inject_adapters
 from zoact_edge.adapters.layer import noise_like
 from zoact_edge.cli import main
 from zoact_edge.data.tasks import scored_mask
-from zoact_edge.recipes.calibrate import fitted_bias, label_logits, uniform_bias
+from zoact_edge.recipes.calibrate import fitted_bias, uniform_bias, zero_shot_logits
 from zoact_edge.zo import perturb
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed, write_gradients
 
@@ -122,7 +122,7 @@ def test_calibration_biases(tokenizer):
     model = make_model("llama", len(tokenizer))
     task = rt_task(tokenizer)
     examples = rt_examples(10)
-    logits = label_logits(model, task, examples, 4, torch.device("cpu"))
+    logits = zero_shot_logits(model, task, examples, 4, torch.device("cpu"))
     with torch.inference_mode():
         one_by_one = torch.cat([task.logits(model, task.collate([ex])).double() for ex in examples])
     torch.testing.assert_close(logits, one_by_one, rtol=1e-5, atol=1e-6)

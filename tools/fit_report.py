@@ -203,16 +203,47 @@ def _step_section(summary: dict) -> list[str]:
                 lines.append(f"| {run} | {key} | {c['layers']} | {c['median_seconds']['inference_forward'] * 1e3:.1f} "
                              f"| {ratio['plain_step']:.2f} | {ratio['fused_step']:.2f} | "
                              f"{cached} |")
+    ratios = _step_ratios(summary)
+    first, last = min(ratios, key=_run_number), max(ratios, key=_run_number)
+    first_name, last_name = first.replace("-", " "), last.replace("-", " ")  # "run 5" in prose
+
+    def span(run, key):
+        values = [c[key] for c in ratios[run] if key in c]
+        return f"{min(values):.2f}-{max(values):.2f}x"
+
+    forwards_1b = [c["forward_ms"] for run in (first, last) for c in ratios[run]
+                   if c["shape"].startswith("llama-1.1b/16")]
+    small_4bit = " and ".join(str(v) for v in sorted({round(c["forward_ms"]) for c in ratios[last]
+                                                       if c["shape"] == "smollm2-135m/4bit"}))
+    met = [c for c in ratios[last] if c["fused_step"] <= 1.3 or c.get("fused_prefix_cache_step", 9) <= 1.3]
     lines += ["", "Rows are review sentences (about 43 tokens): at this size an H200 forward is bound by kernel "
-              "launches, not arithmetic (the 1.1 B shape's 16-bit forward takes 15-30 ms), and a ZO step adds "
-              "per-layer noise draws and small matmuls. Run 1 predates fp32 coefficients; since run 2 each forward "
-              "also casts every layer's d_out x r coefficients to the compute dtype, one small copy per layer, and "
-              "run 5 reads every step slower: the fused step at 1.82-3.05x one forward (run 1: 1.49-2.40x), with "
-              "the prefix cache on the upper half of the blocks 1.39-1.85x (run 1: 1.09-1.62x). Launch-bound "
-              "timings wander on that machine (run 5's 135M 4-bit forward reads 40 and 52 ms in two configurations "
-              "of the same model), so read the ratios to within about a quarter. The goal of a fused step within "
-              "1.3x one forward is not met in any configuration of run 5.", ""]
+              f"launches, not arithmetic (the 1.1 B shape's 16-bit forward takes {min(forwards_1b):.0f}-"
+              f"{max(forwards_1b):.0f} ms), and a ZO step adds per-layer noise draws and small matmuls. Run 1 predates "
+              "fp32 coefficients; since run 2 each forward also casts every layer's d_out x r coefficients to the "
+              f"compute dtype, one small copy per layer, and {last_name} reads every step slower: the fused step at "
+              f"{span(last, 'fused_step')} one forward ({first_name}: {span(first, 'fused_step')}), with the prefix "
+              f"cache on the upper half of the blocks {span(last, 'fused_prefix_cache_step')} ({first_name}: "
+              f"{span(first, 'fused_prefix_cache_step')}). Launch-bound timings wander on that machine "
+              f"({last_name}'s 135M 4-bit forward reads {small_4bit} ms in two configurations of the same "
+              "model), so read the ratios to within about a quarter. The goal of a fused step within 1.3x one forward "
+              f"is met in {len(met) or 'none'} of the {len(ratios[last])} configurations of {last_name}.", ""]
     return lines
+
+
+def _run_number(run: str) -> int:
+    return int(run.rsplit("-", 1)[1])
+
+
+def _step_ratios(summary: dict) -> dict[str, list[dict]]:
+    """Each GPU-check run's bench_step configurations: shape, forward time (ms) and step / forward ratios."""
+    out: dict[str, list[dict]] = {}
+    for run, r in summary["runs"].items():
+        for key, b in (r.get("bench_step") or {}).items():
+            if b.get("status") == "ok":
+                out.setdefault(run, []).extend(
+                    {"shape": key, "forward_ms": c["median_seconds"]["inference_forward"] * 1e3,
+                     **c["step_over_inference_forward"]} for c in b["configs"])
+    return out
 
 
 def markdown(table: dict, summary: dict, reports=()) -> str:

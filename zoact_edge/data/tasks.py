@@ -109,17 +109,13 @@ def hidden_states(model, batch: Batch) -> torch.Tensor:
 
 
 def label_logits(model, last: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-    """The candidate labels' logits from the scored position's final hidden states ``last`` (batch x hidden)."""
-    weight, bias = output_rows(model, candidate_ids.to(last.device))
-    logits = last @ weight.to(last.dtype).T
-    return logits if bias is None else logits + bias.to(last.dtype)
-
-
-def output_rows(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The candidate labels' logits from the scored position's final hidden states ``last`` (batch x hidden):
+    the LM head's rows of the label tokens only (the ONNX loss graph traces this same function)."""
     head = model.get_output_embeddings()
-    weight = head.weight[token_ids]
-    bias = head.bias[token_ids] if getattr(head, "bias", None) is not None else None
-    return weight, bias
+    ids = candidate_ids.to(last.device)
+    logits = last @ head.weight[ids].to(last.dtype).T
+    bias = getattr(head, "bias", None)
+    return logits if bias is None else logits + bias[ids].to(last.dtype)
 
 
 def read_template(template: str) -> str:

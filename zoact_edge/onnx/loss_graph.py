@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.layer import ZOActLinear
-from ..data.tasks import Batch, ClassificationTask, hidden_states, output_rows
+from ..data.tasks import Batch, ClassificationTask, hidden_states, label_logits
 from ..paths import atomic_dir, cache_dir
 from .forms import INT4_BLOCK
 
@@ -76,10 +76,7 @@ class _Loss(nn.Module):
         if self.classification:
             batch = Batch(input_ids, attention_mask, position_ids, labels=target)
             last = hidden_states(self.model, batch)[:, -1].float()  # left padding: the prompt ends at -1
-            weight, bias = output_rows(self.model, self.candidates)
-            logits = last @ weight.float().T
-            if bias is not None:
-                logits = logits + bias.float()
+            logits = label_logits(self.model, last, self.candidates)  # the torch engine's own function
             return F.cross_entropy(logits, target), logits
         batch = Batch(input_ids, attention_mask, position_ids, target_mask=target)
         return (token_loss(self.model, batch),)

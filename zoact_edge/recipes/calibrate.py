@@ -41,7 +41,7 @@ CALIBRATE_TAG = 0xCA1B  # the examples' draw, apart from every other seeded stre
 
 
 @torch.inference_mode()
-def label_logits(model, task: ClassificationTask, examples: list, batch_size: int, device) -> torch.Tensor:
+def zero_shot_logits(model, task: ClassificationTask, examples: list, batch_size: int, device) -> torch.Tensor:
     """The zero-shot label logits of ``examples`` (examples x labels, fp64, CPU)."""
     return torch.cat([task.logits(model, task.collate(examples[s:s + batch_size]).to(device)).double().cpu()
                       for s in range(0, len(examples), batch_size)])
@@ -83,7 +83,7 @@ def tune_calibrate(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir, t_start:
     idx = sample_indices(len(splits.train), n, cfg.seed, CALIBRATE_TAG)
     t_loop = time.time()
     chosen = [splits.train[i] for i in idx]
-    logits = label_logits(model, task, chosen, cfg.batch_size, device)
+    logits = zero_shot_logits(model, task, chosen, cfg.batch_size, device)
     bias = fitted_bias(logits, torch.tensor([ex.label for ex in chosen]))
     uniform = uniform_bias(logits)
     loop_seconds = time.time() - t_loop
