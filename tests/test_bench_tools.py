@@ -402,6 +402,29 @@ def test_curve_table_puts_every_run_on_the_union_of_evaluated_steps():
     assert second == "| `zoact-edge tune --seed 1` | 0.500 / 0.500 |  | 0.750 / 0.250 |"
 
 
+def test_order_table_compares_the_old_and_new_default_by_seed(monkeypatch):
+    import record_runs
+
+    def rec(seed, acc, config=None, curve=None, bits=32):
+        config = {**record_runs.TuneConfig(bits=bits, seed=seed).resolved().to_dict(), **(config or {})}
+        started = {"compensation": {"layers": 1}} if bits == 4 else {}  # what the 4-bit default does
+        points = {"eval_curve": [{"step": 300, "accuracy": curve, "loss": 0.5}]} if curve else {}
+        return record_runs.current({"bits": bits, "seed": seed, "zero_shot": {"accuracy": 0.5}, **started,
+                                    "tuned": {"accuracy": acc}, "config": config, **points})
+
+    old = {"steps": 300, "batch_order": "random"}
+    runs = [rec(0, 0.60), rec(0, 0.60, {"eval_every": 75}, curve=0.55),  # the default run and its curve twin
+            rec(1, 0.70, {"eval_every": 75}, curve=0.65), rec(0, 0.52, old), rec(1, 0.56, old),
+            rec(2, 0.99, {"lr": 0.1}), rec(0, 0.90, bits=4)]  # another setting; another precision
+    monkeypatch.setattr(record_runs, "_defaults", lambda: runs[:1])
+    monkeypatch.setattr(record_runs, "_records", lambda: runs[1:])
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in record_runs.order_table().splitlines()}
+    assert rows["| Rotten Tomatoes, fp32"] == [
+        "0.520, 0.560 (seeds 0, 1): +4.0 ± 2.0", "0.550, 0.650 (seeds 0, 1)",
+        "0.600, 0.700 (seeds 0, 1): **+15.0 ± 5.0** |"]  # gains 10 and 20 points: mean 15, population sd 5
+    assert rows["| Rotten Tomatoes, 4-bit"] == ["", "", "0.900 (seed 0): **+40.0** |"]
+
+
 def test_padding_counts_real_tokens_over_padded_positions_and_grouping_keeps_the_examples():
     import diagnose_padding
 

@@ -12,9 +12,9 @@ Each record is the run's ``summary.json`` plus its seed, its whole config, the o
 defaults, the command they make, the note and, for a run with ``--eval-every``, its validation curve. A run
 already in the file (same command) is replaced. The options and commands are re-derived from the configs
 against today's defaults (:func:`current`) at every write and by ``readme_results.py``, so a record made
-before a default changed names the option it ran with. The tables these runs make (the default-run table and
-the validation curves of docs/results.md, the Quick start output of README.md) are drawn here too, for
-``readme_results.py`` to write.
+before a default changed names the option it ran with. The tables these runs make (the default-run table, the
+old-against-new-default comparison and the validation curves of docs/results.md, the Quick start output of
+README.md) are drawn here too, for ``readme_results.py`` to write.
 """
 
 from __future__ import annotations
@@ -185,6 +185,51 @@ def runs_table() -> str:
         if len({r["seed"] for r in runs}) > 1 and not set(runs[0]["options"]) <= {"bits", *SAME_RUN}:
             rows.append(spread(f"`{line}`", sorted(runs, key=lambda r: r["seed"])))
     return "\n".join(rows).rstrip()
+
+
+def order_table() -> str:
+    """The old default (random batches, 300 steps) against today's (length-grouped, 450 steps), per task and
+    precision: each run's validation accuracy, at step 300 of today's runs too where they were evaluated there,
+    and the gains over zero-shot (mean ± sd over seeds; docs/results.md)."""
+    runs = _defaults() + _records()
+    old_default = {"steps": 300, "batch_order": "random"}
+
+    def group(task: str, bits: int, extra: dict) -> list[dict]:  # every run of the command, by seed
+        want = {**({"task": task} if task != "rotten-tomatoes" else {}), **extra}
+        return sorted(
+            (r for r in runs if r["bits"] == bits and r["config"]["task"] == task
+             and {k: v for k, v in r["options"].items() if k not in {"bits", *SAME_RUN}} == want),
+            key=lambda r: r.get("seed", 0))
+
+    def cell(rs: list[dict], bold: bool = False) -> str:
+        rs = _once_per_seed(rs)
+        if not rs:
+            return ""
+        gains = _gains(rs)
+        mean = f"{statistics.mean(gains):+.1f}" + (f" ± {statistics.pstdev(gains):.1f}" if len(rs) > 1 else "")
+        return (", ".join(f"{r['tuned']['accuracy']:.3f}" for r in rs) + f" ({_seeds(rs)}): "
+                + (f"**{mean}**" if bold else mean))
+
+    rows = ["| | random batches, 300 steps (the old default) | length-grouped, step 300 "
+            "| length-grouped, 450 steps (the default) |", "|---|---|---|---|"]
+    for task, name in (("rotten-tomatoes", "Rotten Tomatoes"), ("tweets", "tweets")):
+        for bits in (4, 32):
+            new = group(task, bits, {})
+            at_300 = _once_per_seed([{**p, "seed": r.get("seed", 0)} for r in new for p in r.get("eval_curve", [])
+                                     if p["step"] == 300])
+            mid = ", ".join(f"{p['accuracy']:.3f}" for p in at_300) + f" ({_seeds(at_300)})" if at_300 else ""
+            rows.append(f"| {name}, {'fp32' if bits == 32 else f'{bits}-bit'} | {cell(group(task, bits, old_default))} "
+                        f"| {mid} | {cell(new, bold=True)} |")
+    return "\n".join(rows)
+
+
+def _seeds(rs: list[dict]) -> str:
+    """"seed 0", "seeds 1, 2", "seeds 0–4"."""
+    seeds = [r.get("seed", 0) for r in rs]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    run = len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1))
+    return f"seeds {seeds[0]}–{seeds[-1]}" if run else "seeds " + ", ".join(map(str, seeds))
 
 
 def quickstart() -> str:
