@@ -172,7 +172,7 @@ def runs_table() -> str:
     def spread(label: str, runs: list) -> str:
         runs = _once_per_seed(runs)
         gains = _gains(runs)
-        return (f"{label} over seeds {', '.join(str(s.get('seed', 0)) for s in runs)}: "
+        return (f"{label} over {_seeds(runs)}: "
                 f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
                 f"({', '.join(f'{g:+.1f}' for g in gains)}).")
 
@@ -260,7 +260,7 @@ def quickstart() -> str:
     if all(len(r) > 1 for r in spreads.values()):  # what one seed's end point is worth
         out.append("The gain over zero-shot, mean ± sd over seeds: " + ";\n".join(
             f"{'fp32' if bits == 32 else f'`--bits {bits}`'} {statistics.mean(_gains(rs)):+.1f} ± "
-            f"{statistics.pstdev(_gains(rs)):.1f} points (seeds {', '.join(str(r.get('seed', 0)) for r in rs)})"
+            f"{statistics.pstdev(_gains(rs)):.1f} points ({_seeds(rs)})"
             for bits, rs in spreads.items()) + " ([docs/results.md](docs/results.md)).")
     return "\n".join(out)
 

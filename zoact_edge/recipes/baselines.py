@@ -103,7 +103,7 @@ def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
             if cfg.evaluates_at(step + 1):
                 record["eval"] = run_eval(f"eval @ {step + 1}")
-                bar.write(f"step {step + 1}: accuracy/loss {record['eval']}")
+                bar.write(f"step {step + 1}: {harness.fmt_metrics(record['eval'])}")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
     bar.close()
