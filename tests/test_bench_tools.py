@@ -270,6 +270,10 @@ def test_probe_average_at_the_last_iterate_reads_the_runs_own_final_eval(model_d
     assert (rec["applied_steps"], rec["tail_steps"]) == (4, 1)
     assert rec["tail"] == rec["last"] and rec["ema"] == rec["last"]
     assert rec["last"] != rec["zero_shot"]
+    # the batch order the run read (today's default), and "random" for a record from before the option
+    before = {k: v for k, v in rec.items() if k != "batch_order"}
+    rows = probe_average.average_table({"records": [rec, before]}).splitlines()[2:]
+    assert [row.split(" | ")[3] for row in rows] == ["length", "random"]
 
 
 def test_diagnose_transfer_reads_each_run_on_its_own_base_as_it_finished(model_dirs, tmp_path):

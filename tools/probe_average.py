@@ -83,14 +83,15 @@ class Averages:
 
 def average_table(data: dict) -> str:
     """One row per probed run: validation at the last iterate and at each average (docs/results.md)."""
-    rows = ["| tune options | bits | seed | applied steps | zero-shot acc. | last iterate: acc. / loss | "
+    rows = ["| tune options | bits | seed | batches | applied steps | zero-shot acc. | last iterate: acc. / loss | "
             "tail average (steps after N): acc. / loss | EMA (decay): acc. / loss | ‖B‖ at the end |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     def cell(m: dict) -> str:
         return f"{m['accuracy']:.3f} / {m['loss']:.3f}"
 
     for r in data.get("records", []):
-        rows.append(f"| `{' '.join(r['options'])}` | {r['bits']} | {r['seed']} | {r['applied_steps']} | "
+        order = r.get("batch_order", "random")  # the only order before --batch-order existed
+        rows.append(f"| `{' '.join(r['options'])}` | {r['bits']} | {r['seed']} | {order} | {r['applied_steps']} | "
                     f"{r['zero_shot']['accuracy']:.3f} | {cell(r['last'])} | {cell(r['tail'])} "
                     f"(N = {r['tail_from']}) | {cell(r['ema'])} ({r['ema_decay']:g}) | {r['coefficient_norm']:.1f} |")
     return "\n".join(rows)
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     config = json.loads((out / "run_config.json").read_text())
     record = {"options": [a for i, a in enumerate(tune_args) if a != "--output" and tune_args[i - 1] != "--output"],
               "seed": config["seed"], "bits": config["bits"], "steps": config["steps"],
+              "batch_order": config.get("batch_order", "random"),
               "applied_steps": watch.steps, "tail_from": args.tail_from, "tail_steps": watch.tail_count,
               "ema_decay": args.ema,
               "coefficient_norm": float(sum(l.B.norm() ** 2 for l in watch.engine.layers)) ** 0.5,
