@@ -126,10 +126,17 @@ def _records() -> list[dict]:
     return [current(r) for r in json.loads(PATH.read_text())["records"]] if PATH.exists() else []
 
 
+def _runs_of(runs: list[dict], bits: int, **options) -> list[dict]:
+    """Every run of one command (the defaults plus ``options``, seed and --eval-every aside) at ``bits``, by seed;
+    the default runs come before the records of their seed when ``runs`` lists them first."""
+    return sorted((r for r in runs if r["bits"] == bits
+                   and {k: v for k, v in r["options"].items() if k not in {"bits", *SAME_RUN}} == options),
+                  key=lambda r: r.get("seed", 0))
+
+
 def _default_runs(bits: int, defaults: list[dict], seeds: list[dict]) -> list[dict]:
     """The default command at ``bits``, once per seed: the default run (seed 0), then the records by seed."""
-    others = [s for s in seeds if s["bits"] == bits and set(s["options"]) <= {"bits", *SAME_RUN}]
-    return _once_per_seed([s for s in defaults if s["bits"] == bits] + sorted(others, key=lambda r: r["seed"]))
+    return _once_per_seed(_runs_of(defaults + seeds, bits))
 
 
 def _once_per_seed(runs: list[dict]) -> list[dict]:
@@ -194,13 +201,6 @@ def order_table() -> str:
     runs = _defaults() + _records()
     old_default = {"steps": 300, "batch_order": "random"}
 
-    def group(task: str, bits: int, extra: dict) -> list[dict]:  # every run of the command, by seed
-        want = {**({"task": task} if task != "rotten-tomatoes" else {}), **extra}
-        return sorted(
-            (r for r in runs if r["bits"] == bits and r["config"]["task"] == task
-             and {k: v for k, v in r["options"].items() if k not in {"bits", *SAME_RUN}} == want),
-            key=lambda r: r.get("seed", 0))
-
     def cell(rs: list[dict], bold: bool = False) -> str:
         rs = _once_per_seed(rs)
         if not rs:
@@ -212,14 +212,15 @@ def order_table() -> str:
 
     rows = ["| | random batches, 300 steps (the old default) | length-grouped, step 300 "
             "| length-grouped, 450 steps (the default) |", "|---|---|---|---|"]
-    for task, name in (("rotten-tomatoes", "Rotten Tomatoes"), ("tweets", "tweets")):
+    for task, name in (({}, "Rotten Tomatoes"), ({"task": "tweets"}, "tweets")):  # rotten-tomatoes: the default
         for bits in (4, 32):
-            new = group(task, bits, {})
+            new = _runs_of(runs, bits, **task)
             at_300 = _once_per_seed([{**p, "seed": r.get("seed", 0)} for r in new for p in r.get("eval_curve", [])
                                      if p["step"] == 300])
             mid = ", ".join(f"{p['accuracy']:.3f}" for p in at_300) + f" ({_seeds(at_300)})" if at_300 else ""
-            rows.append(f"| {name}, {'fp32' if bits == 32 else f'{bits}-bit'} | {cell(group(task, bits, old_default))} "
-                        f"| {mid} | {cell(new, bold=True)} |")
+            old = _runs_of(runs, bits, **task, **old_default)
+            rows.append(f"| {name}, {'fp32' if bits == 32 else f'{bits}-bit'} | {cell(old)} | {mid} "
+                        f"| {cell(new, bold=True)} |")
     return "\n".join(rows)
 
 
