@@ -471,3 +471,52 @@ def test_comparison_runs_in_another_batch_order_are_not_reused():
            "bits": 32}  # a record from before --batch-order: it read random batches
     assert bench_convergence._same_scale(old, args) and not bench_convergence._same_scale(old, length)
     assert bench_convergence._same_scale({**old, "batch_order": "length"}, length)
+
+
+def test_probe_streams_with_every_stream_reseeded_is_the_run_of_that_seed(model_dirs, tmp_path, monkeypatch):
+    """Calibration, batches and directions all from seed 1 must be ``tune --seed 1`` loss for loss; one stream
+    alone from seed 1 must be neither run (so each stream reaches the run, and nothing else reseeds it)."""
+    import probe_streams
+
+    from zoact_edge.cli import main as zoact_main
+    from zoact_edge.recipes import zoact as recipe
+
+    tiny = ["--model", str(model_dirs["llama"]), "--steps", "4", "--batch-size", "4", "--calib-samples", "8",
+            "--rank", "4", "--eval-samples", "16", "--max-length", "24", "--lr", "1e-2", "--eps", "1e-2"]
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    plain = {}
+    for seed in (0, 1):
+        assert zoact_main(["tune", *tiny, "--seed", str(seed), "--output", str(tmp_path / f"plain{seed}")]) == 0
+        plain[seed] = losses(tmp_path / f"plain{seed}")
+    assert plain[0] != plain[1]
+    results = tmp_path / "streams.json"
+    originals = {a: getattr(recipe, a) for a in ("sampled_batches", "build_adapters", "batch_indices", "derive_seed")}
+    for name, swapped in [("all", ["--calibration", "1", "--batches", "1", "--directions", "1"]),
+                          ("calibration", ["--calibration", "1"]), ("batches", ["--batches", "1"]),
+                          ("directions", ["--directions", "1"])]:
+        for attr, original in originals.items():  # install() patches these: each run starts from the recipe's own
+            monkeypatch.setattr(recipe, attr, original)
+        probe_streams.main([*swapped, "--results", str(results), "--", *tiny, "--seed", "0",
+                            "--output", str(tmp_path / name)])
+        got = losses(tmp_path / name)
+        if name == "all":
+            assert got == plain[1]
+        else:
+            assert got != plain[0] and got != plain[1], name
+    records = json.loads(results.read_text())["records"]
+    assert records[0]["seeds"] == {"calibration": 1, "batches": 1, "directions": 1}
+    assert records[1]["seeds"] == {"calibration": 1, "batches": 0, "directions": 0}
+    assert records[0]["final_train_loss"] == pytest.approx(sum(plain[1]) / 4)
+    rows = probe_streams.streams_table({"records": records}).splitlines()[2:]
+    assert [row.split(" | ")[2:5] for row in rows[1:]] == [["1", "0", "0"], ["0", "1", "0"], ["0", "0", "1"]]
+    # a seed's recorded plain run comes first, all three streams its own, its curve cut to the probes' steps
+    recorded = {"command": "zoact-edge tune", "zero_shot": records[0]["zero_shot"], "tuned": records[0]["tuned"],
+                "eval_curve": [{"step": 2, "accuracy": 0.5, "loss": 0.7}, {"step": 4, "accuracy": 0.6, "loss": 0.6}]}
+    with_plain = probe_streams.streams_table({"records": records}, lambda bits, seed: recorded if seed == 0 else None)
+    first = with_plain.splitlines()[2].split(" | ")
+    assert first[0] == "| `zoact-edge tune (recorded)`" and first[2:5] == ["0", "0", "0"] and first[6] == ""
+    assert first[8] == f"{records[0]['tuned']['loss']:.3f}"  # no evaluation at the probes' steps: the final alone
+    assert with_plain.splitlines()[3:] == probe_streams.streams_table({"records": records}).splitlines()[2:]

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from probe_run import add_tune_options, run_tune  # noqa: E402
 
-from zoact_edge.cli import main as zoact_main  # noqa: E402
 from zoact_edge.zo.engine import TorchEngine  # noqa: E402
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "probe_average.json"
@@ -102,19 +102,14 @@ def main(argv=None) -> None:
     p.add_argument("--tail-from", type=int, default=150, help="average the iterates after this many applied steps")
     p.add_argument("--ema", type=float, default=0.98, help="decay of the exponential average")
     p.add_argument("--results", default=str(PATH))
-    p.add_argument("tune", nargs=argparse.REMAINDER, help="-- then zoact-edge tune's options (--output required)")
+    add_tune_options(p)
     args = p.parse_args(argv)
-    tune_args = args.tune[1:] if args.tune[:1] == ["--"] else args.tune
-    if "--output" not in tune_args:
-        p.error("pass tune's --output after --")
     watch = Averages(args.tail_from, args.ema)
     watch.install()
-    if zoact_main(["tune", *tune_args]) != 0:
-        sys.exit(1)
-    out = Path(tune_args[tune_args.index("--output") + 1])
+    options, out = run_tune(p, args)
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "run_config.json").read_text())
-    record = {"options": [a for i, a in enumerate(tune_args) if a != "--output" and tune_args[i - 1] != "--output"],
+    record = {"options": options,
               "seed": config["seed"], "bits": config["bits"], "steps": config["steps"],
               "batch_order": config.get("batch_order", "random"),
               "applied_steps": watch.steps, "tail_from": args.tail_from, "tail_steps": watch.tail_count,

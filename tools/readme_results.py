@@ -16,6 +16,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space);
 * ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
+* ``docs/results/probe_streams.json``: ``tools/probe_streams.py`` (a seed's three random streams swapped one at
+  a time), beside the default runs of the seeds it mixes;
 * ``docs/results/diagnose_transfer.json``: ``tools/diagnose_transfer.py`` (each precision's tuned adapter
   on the other's frozen weights);
 * ``docs/results/diagnose_rounding.json``: ``tools/diagnose_rounding.py`` (the 4-bit rounding undone in
@@ -40,7 +42,8 @@ from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
-from record_runs import curve_table, order_table, quickstart, runs_table  # noqa: E402
+from probe_streams import streams_table  # noqa: E402
+from record_runs import curve_table, default_run, order_table, quickstart, runs_table  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -57,6 +60,7 @@ TBEGIN, TEND = "<!-- transfer:begin -->", "<!-- transfer:end -->"
 RBEGIN, REND = "<!-- rounding:begin -->", "<!-- rounding:end -->"
 LBEGIN, LEND = "<!-- curves:begin -->", "<!-- curves:end -->"
 GBEGIN, GEND = "<!-- order:begin -->", "<!-- order:end -->"
+XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -319,6 +323,7 @@ def main() -> None:
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
         + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else [])
+        + ([(XBEGIN, XEND, streams_table(mix, default_run))] if (mix := _load("probe_streams.json")) else [])
         + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else [])
         + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else [])
         + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else []),

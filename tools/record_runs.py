@@ -139,6 +139,13 @@ def _default_runs(bits: int, defaults: list[dict], seeds: list[dict]) -> list[di
     return _once_per_seed(_runs_of(defaults + seeds, bits))
 
 
+def default_run(bits: int, seed: int) -> dict | None:
+    """The default command's recorded run at ``bits`` and ``seed``, one with a validation curve where there is one
+    (``--eval-every`` changes no result: :data:`SAME_RUN`)."""
+    runs = [r for r in _runs_of(_defaults() + _records(), bits) if r.get("seed", 0) == seed]
+    return next((r for r in runs if r.get("eval_curve")), runs[0] if runs else None)
+
+
 def _once_per_seed(runs: list[dict]) -> list[dict]:
     return list({s.get("seed", 0): s for s in reversed(runs)}.values())[::-1]  # a seed once: its first run
 
