@@ -42,7 +42,7 @@ def install(seeds: dict) -> None:
     def calibration(task, split, count, batch_size, seed, tag, device):
         return sampled(task, split, count, batch_size, _pick(seeds["calibration"], seed), tag, device)
 
-    def bases(*args, seed, **kwargs):  # the sketch estimator's test matrices (the default model's are exact)
+    def bases(*args, seed, **kwargs):  # the sketch estimator's test matrices, --method subspace's random bases
         return build(*args, seed=_pick(seeds["calibration"], seed), **kwargs)
 
     def batches(step, batch_size, n, seed, lengths=None):
