@@ -10,7 +10,7 @@ whether the run follows it. With all three equal to S the run is ``tune --seed S
     python tools/probe_streams.py --calibration 3 -- --seed 0 --output runs/streams-c3   # tune's options after --
     python tools/probe_streams.py --batches 3 -- --seed 0 --output runs/streams-b3
     python tools/probe_streams.py --directions 3 -- --seed 0 --output runs/streams-d3
-    # -> docs/results/probe_streams.json (one record per run: its three seeds, evals and final train loss)
+    # -> docs/results/probe_streams.json (one record per run: its three seeds, validation curve, final train loss)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 from probe_run import add_tune_options, run_tune  # noqa: E402
+from record_runs import eval_curve  # noqa: E402
 
 from zoact_edge.recipes import zoact as recipe  # noqa: E402
 
@@ -80,22 +81,22 @@ def streams_table(data: dict, plain=None) -> str:
     for bits, seed in mixed if plain else []:
         if (run := plain(bits, seed)) is None:
             continue
-        steps = sorted({e[0] for r in records if r["bits"] == bits for e in r["evals"]})
-        evals = [[p["step"], p["accuracy"], p["loss"]] for p in run.get("eval_curve", []) if p["step"] in steps]
-        rows.append(_row(f"{run['command']} (recorded)", bits, dict.fromkeys(STREAMS, seed), run["zero_shot"], evals,
+        steps = {p["step"] for r in records if r["bits"] == bits for p in r["eval_curve"]}
+        curve = [p for p in run.get("eval_curve", []) if p["step"] in steps]
+        rows.append(_row(f"{run['command']} (recorded)", bits, dict.fromkeys(STREAMS, seed), run["zero_shot"], curve,
                          run["tuned"], None))
     for r in sorted(records, key=lambda r: (-r["bits"], r["seed"], [r["seeds"][n] == r["seed"] for n in STREAMS])):
-        rows.append(_row(" ".join(r["options"]), r["bits"], r["seeds"], r["zero_shot"], r["evals"], r["tuned"],
+        rows.append(_row(" ".join(r["options"]), r["bits"], r["seeds"], r["zero_shot"], r["eval_curve"], r["tuned"],
                          r["final_train_loss"]))
     return "\n".join(rows)
 
 
-def _row(options: str, bits: int, seeds: dict, zero_shot: dict, evals: list, tuned: dict, train_loss) -> str:
+def _row(options: str, bits: int, seeds: dict, zero_shot: dict, curve: list, tuned: dict, train_loss) -> str:
     zero = zero_shot["accuracy"]
-    curve = ", ".join(f"{step}: {acc:.3f} / {loss:.3f}" for step, acc, loss in evals)
-    along = [loss for _, _, loss in evals] + [tuned["loss"]]  # one end point is a noisy reading of a run
+    along = [p["loss"] for p in curve] + [tuned["loss"]]  # one end point is a noisy reading of a run
+    shown = ", ".join(f"{p['step']}: {p['accuracy']:.3f} / {p['loss']:.3f}" for p in curve)
     return (f"| `{options}` | {bits} | {seeds['calibration']} | {seeds['batches']} | {seeds['directions']} | "
-            f"{zero:.3f} | {curve} | {tuned['accuracy']:.3f} / {tuned['loss']:.3f} "
+            f"{zero:.3f} | {shown} | {tuned['accuracy']:.3f} / {tuned['loss']:.3f} "
             f"({100 * (tuned['accuracy'] - zero):+.1f}) | {sum(along) / len(along):.3f} | "
             f"{'' if train_loss is None else f'{train_loss:.3f}'} |")
 
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
               "bits": config["bits"], "steps": config["steps"], "seed": config["seed"],
               "seeds": {name: _pick(getattr(args, name), config["seed"]) for name in STREAMS},
               "zero_shot": summary["zero_shot"], "tuned": summary["tuned"],
-              "evals": [[r["step"], r["eval"]["accuracy"], r["eval"]["loss"]] for r in metrics if "eval" in r],
+              "eval_curve": eval_curve(out),
               "final_train_loss": final_train_loss(metrics)}
     locked_update(Path(args.results), lambda d: d["records"].append(record))
     print(json.dumps({k: record[k] for k in ("options", "seeds", "tuned", "final_train_loss")}))
