@@ -429,6 +429,29 @@ def test_order_table_compares_the_old_and_new_default_by_seed(monkeypatch):
     assert rows["| Rotten Tomatoes, 4-bit"] == ["", "", "0.900 (seed 0): **+40.0** |"]
 
 
+def test_paired_table_sets_a_setting_beside_the_default_seed_by_seed(monkeypatch):
+    import record_runs
+
+    def rec(seed, acc, loss, config=None, evals=(0.6, 0.5)):
+        config = {**record_runs.TuneConfig(bits=4, seed=seed).resolved().to_dict(), "eval_every": 150, **(config or {})}
+        curve = [{"step": s, "accuracy": 0.5, "loss": v} for s, v in zip((150, 300), evals)]
+        return record_runs.current({"bits": 4, "seed": seed, "zero_shot": {"accuracy": 0.5},
+                                    "compensation": {"layers": 1}, "tuned": {"accuracy": acc, "loss": loss},
+                                    "config": config, "eval_curve": curve})
+
+    more = {"calib_samples": 256}
+    runs = [rec(0, 0.60, 0.4), rec(1, 0.70, 0.4), rec(2, 0.80, 0.4),  # seed 2 ran the default only
+            rec(0, 0.65, 0.7, more), rec(1, 0.60, 0.1, more, evals=(0.3, 0.2)), rec(0, 0.99, 0.0, {"lr": 0.1})]
+    monkeypatch.setattr(record_runs, "_defaults", lambda: runs[:1])
+    monkeypatch.setattr(record_runs, "_records", lambda: runs[1:])
+    _, _, first, second, means = record_runs.paired_table(4, calib_samples=256).splitlines()
+    # default losses (0.6 + 0.5 + 0.4) / 3 = 0.5; with 256 examples (0.6 + 0.5 + 0.7) / 3 = 0.6, (0.3 + 0.2 + 0.1) / 3
+    assert first == "| 0 | 0.600 (+10.0) | 0.500 | 0.650 (+15.0) | 0.600 | +5.0 / +0.100 |"
+    assert second == "| 1 | 0.700 (+20.0) | 0.500 | 0.600 (+10.0) | 0.200 | -10.0 / -0.300 |"
+    assert means == ("| mean ± sd | +15.0 ± 5.0 | 0.500 | +12.5 ± 2.5 | 0.400 "
+                     "| -2.5 ± 7.5 / -0.100 ± 0.200 |")  # population sd, as every table here
+
+
 def test_padding_counts_real_tokens_over_padded_positions_and_grouping_keeps_the_examples():
     import diagnose_padding
 

@@ -4,8 +4,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 
 * ``docs/results/default-*.json`` (each the ``summary.json`` and config of a default run) and
   ``docs/results/seeds-default.json`` (the default commands at other seeds, and probes): the default-run
-  table, the old-against-new-default comparison and the validation curves of docs/results.md and the Quick
-  start output of README.md, drawn by ``tools/record_runs.py``;
+  table, the old-against-new-default comparison, the 4-bit default beside ``--calib-samples 256`` by seed, the
+  validation curves of docs/results.md and the Quick start output of README.md, drawn by ``tools/record_runs.py``;
 * ``docs/results/convergence.json``: the method comparison of ``tools/bench_convergence.py``, and
   README.md's one line on where ZO-Act stands;
 * ``docs/results/sweep.json``: its learning-rate sweep (validation split only);
@@ -43,7 +43,7 @@ from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
-from record_runs import curve_table, default_run, order_table, quickstart, runs_table  # noqa: E402
+from record_runs import curve_table, default_run, order_table, paired_table, quickstart, runs_table  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -61,6 +61,7 @@ RBEGIN, REND = "<!-- rounding:begin -->", "<!-- rounding:end -->"
 LBEGIN, LEND = "<!-- curves:begin -->", "<!-- curves:end -->"
 GBEGIN, GEND = "<!-- order:begin -->", "<!-- order:end -->"
 XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
+MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -315,7 +316,8 @@ def main() -> None:
     conv, sweep, abl = _load("convergence.json"), _load("sweep.json"), _load("ablations.json")
     budget, oracle, curv = _load("budget.json"), _load("diagnose_oracle.json"), _load("diagnose_curvature.json")
     blocks = {
-        ROOT / "docs" / "results.md": [(BEGIN, END, runs_table()), (GBEGIN, GEND, order_table())]
+        ROOT / "docs" / "results.md": [(BEGIN, END, runs_table()), (GBEGIN, GEND, order_table()),
+                                       (MBEGIN, MEND, paired_table(4, calib_samples=256))]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])

@@ -231,6 +231,56 @@ def order_table() -> str:
     return "\n".join(rows)
 
 
+def mean_eval_loss(run: dict, steps=(150, 300)) -> float | None:
+    """Validation loss averaged over the run's evals at ``steps`` and its final one (one end point is a noisy
+    reading of a run); None where the run was not evaluated at every one of ``steps``."""
+    at = {p["step"]: p["loss"] for p in run.get("eval_curve", [])}
+    if not all(s in at for s in steps):
+        return None
+    along = [at[s] for s in steps] + [run["tuned"]["loss"]]
+    return sum(along) / len(along)
+
+
+def _shown(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def paired_table(bits: int, **options) -> str:
+    """The default command against the same command with ``options``, seed by seed where both ran: final accuracy
+    (gain over zero-shot) and validation loss over the evals at steps 150 and 300 and the final one; then the means
+    and the paired differences (docs/results.md)."""
+    other = {r.get("seed", 0): r for r in _once_per_seed(_runs_of(_defaults() + _records(), bits, **options))}
+    plain = {s: run for s in other if (run := default_run(bits, s)) is not None}
+    seeds = sorted(plain)
+    label = command({"bits": bits, **options})
+    rows = [f"| seed | `{command({'bits': bits})}`: final acc. (gain) | val. loss, evals and final "
+            f"| `{label}`: final acc. (gain) | val. loss, evals and final | difference: gain / loss |",
+            "|---|---|---|---|---|---|"]
+    diffs = []
+    for s in seeds:
+        a, b = plain[s], other[s]
+        ga, gb = _gains([a])[0], _gains([b])[0]
+        la, lb = mean_eval_loss(a), mean_eval_loss(b)
+        diffs.append((gb - ga, None if la is None or lb is None else lb - la))
+        rows.append(f"| {s} | {a['tuned']['accuracy']:.3f} ({ga:+.1f}) | {_shown(la)} | {b['tuned']['accuracy']:.3f} "
+                    f"({gb:+.1f}) | {_shown(lb)} | {gb - ga:+.1f} / "
+                    f"{'—' if diffs[-1][1] is None else f'{diffs[-1][1]:+.3f}'} |")
+    if len(seeds) > 1:
+        def ms(values):
+            return f"{statistics.mean(values):+.1f} ± {statistics.pstdev(values):.1f}"
+
+        def mean_loss(rs):
+            ls = [mean_eval_loss(r) for r in rs]
+            return "—" if None in ls else f"{statistics.mean(ls):.3f}"
+
+        dl = [d for _, d in diffs]
+        rows.append(f"| mean ± sd | {ms(_gains([plain[s] for s in seeds]))} | {mean_loss([plain[s] for s in seeds])} "
+                    f"| {ms(_gains([other[s] for s in seeds]))} | {mean_loss([other[s] for s in seeds])} "
+                    f"| {ms([g for g, _ in diffs])} / "
+                    f"{'—' if None in dl else f'{statistics.mean(dl):+.3f} ± {statistics.pstdev(dl):.3f}'} |")
+    return "\n".join(rows)
+
+
 def _seeds(rs: list[dict]) -> str:
     """"seed 0", "seeds 1, 2", "seeds 0–4"."""
     seeds = [r.get("seed", 0) for r in rs]
