@@ -2,7 +2,7 @@
 
 ``zoact-edge tune --seed S`` draws three independent streams from S: the calibration examples the
 one-shot bases are computed from, the order of the training batches, and the ZO directions of every
-step. At the default, one seed in five lands about 6 points below the others (docs/results.md,
+step. At the default, two seeds in seven land 3 to 8 points below the others (docs/results.md,
 "Length-grouped batches"). This runs ``tune`` itself, unchanged, in this process, with each stream's seed given on its
 own (each defaults to tune's ``--seed``): swap one stream of a low seed for a high seed's and see
 whether the run follows it. With all three equal to S the run is ``tune --seed S`` exactly (tested).
