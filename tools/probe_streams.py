@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 from probe_run import add_tune_options, run_tune  # noqa: E402
-from record_runs import eval_curve  # noqa: E402
+from record_runs import eval_curve, mean_eval_loss  # noqa: E402
 
 from zoact_edge.recipes import zoact as recipe  # noqa: E402
 
@@ -93,11 +93,11 @@ def streams_table(data: dict, plain=None) -> str:
 
 def _row(options: str, bits: int, seeds: dict, zero_shot: dict, curve: list, tuned: dict, train_loss) -> str:
     zero = zero_shot["accuracy"]
-    along = [p["loss"] for p in curve] + [tuned["loss"]]  # one end point is a noisy reading of a run
+    along = mean_eval_loss({"eval_curve": curve, "tuned": tuned}, [p["step"] for p in curve])
     shown = ", ".join(f"{p['step']}: {p['accuracy']:.3f} / {p['loss']:.3f}" for p in curve)
     return (f"| `{options}` | {bits} | {seeds['calibration']} | {seeds['batches']} | {seeds['directions']} | "
             f"{zero:.3f} | {shown} | {tuned['accuracy']:.3f} / {tuned['loss']:.3f} "
-            f"({100 * (tuned['accuracy'] - zero):+.1f}) | {sum(along) / len(along):.3f} | "
+            f"({100 * (tuned['accuracy'] - zero):+.1f}) | {along:.3f} | "
             f"{'' if train_loss is None else f'{train_loss:.3f}'} |")
 
 
