@@ -139,15 +139,20 @@ def _default_runs(bits: int, defaults: list[dict], seeds: list[dict]) -> list[di
     return _once_per_seed(_runs_of(defaults + seeds, bits))
 
 
-def default_run(bits: int, seed: int) -> dict | None:
-    """The default command's recorded run at ``bits`` and ``seed``, one with a validation curve where there is one
-    (``--eval-every`` changes no result: :data:`SAME_RUN`)."""
-    runs = [r for r in _runs_of(_defaults() + _records(), bits) if r.get("seed", 0) == seed]
+def default_run(bits: int, seed: int, runs: list[dict] | None = None) -> dict | None:
+    """The default command's recorded run at ``bits`` and ``seed`` (among ``runs``, else the committed ones), one
+    with a validation curve where there is one (``--eval-every`` changes no result: :data:`SAME_RUN`)."""
+    runs = [r for r in _runs_of(_defaults() + _records() if runs is None else runs, bits) if r.get("seed", 0) == seed]
     return next((r for r in runs if r.get("eval_curve")), runs[0] if runs else None)
 
 
 def _once_per_seed(runs: list[dict]) -> list[dict]:
     return list({s.get("seed", 0): s for s in reversed(runs)}.values())[::-1]  # a seed once: its first run
+
+
+def _pm(values: list[float], digits: int = 1) -> str:
+    """Mean ± population sd (every table here), signed: "+16.0 ± 2.4"."""
+    return f"{statistics.mean(values):+.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
 def _gains(runs: list[dict]) -> list[float]:
@@ -187,7 +192,7 @@ def runs_table() -> str:
         runs = _once_per_seed(runs)
         gains = _gains(runs)
         return (f"{label} over {_seeds(runs)}: "
-                f"{statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} points "
+                f"{_pm(gains)} points "
                 f"({', '.join(f'{g:+.1f}' for g in gains)}).")
 
     for bits in sorted({s["bits"] for s in seeds}, reverse=True):  # the default commands only
@@ -213,7 +218,7 @@ def order_table() -> str:
         if not rs:
             return ""
         gains = _gains(rs)
-        mean = f"{statistics.mean(gains):+.1f}" + (f" ± {statistics.pstdev(gains):.1f}" if len(rs) > 1 else "")
+        mean = _pm(gains) if len(rs) > 1 else f"{gains[0]:+.1f}"
         return (", ".join(f"{r['tuned']['accuracy']:.3f}" for r in rs) + f" ({_seeds(rs)}): "
                 + (f"**{mean}**" if bold else mean))
 
@@ -249,35 +254,25 @@ def paired_table(bits: int, **options) -> str:
     """The default command against the same command with ``options``, seed by seed where both ran: final accuracy
     (gain over zero-shot) and validation loss over the evals at steps 150 and 300 and the final one; then the means
     and the paired differences (docs/results.md)."""
-    other = {r.get("seed", 0): r for r in _once_per_seed(_runs_of(_defaults() + _records(), bits, **options))}
-    plain = {s: run for s in other if (run := default_run(bits, s)) is not None}
-    seeds = sorted(plain)
-    label = command({"bits": bits, **options})
+    runs = _defaults() + _records()
+    pairs = {s: (plain, run) for run in _once_per_seed(_runs_of(runs, bits, **options))
+             if (plain := default_run(bits, s := run.get("seed", 0), runs)) is not None}
     rows = [f"| seed | `{command({'bits': bits})}`: final acc. (gain) | val. loss, evals and final "
-            f"| `{label}`: final acc. (gain) | val. loss, evals and final | difference: gain / loss |",
-            "|---|---|---|---|---|---|"]
-    diffs = []
-    for s in seeds:
-        a, b = plain[s], other[s]
-        ga, gb = _gains([a])[0], _gains([b])[0]
-        la, lb = mean_eval_loss(a), mean_eval_loss(b)
-        diffs.append((gb - ga, None if la is None or lb is None else lb - la))
+            f"| `{command({'bits': bits, **options})}`: final acc. (gain) | val. loss, evals and final "
+            "| difference: gain / loss |", "|---|---|---|---|---|---|"]
+    read = {s: [(_gains([r])[0], mean_eval_loss(r)) for r in pair] for s, pair in sorted(pairs.items())}
+    for s, ((ga, la), (gb, lb)) in read.items():
+        a, b = pairs[s]
+        dl = None if la is None or lb is None else lb - la
         rows.append(f"| {s} | {a['tuned']['accuracy']:.3f} ({ga:+.1f}) | {_shown(la)} | {b['tuned']['accuracy']:.3f} "
-                    f"({gb:+.1f}) | {_shown(lb)} | {gb - ga:+.1f} / "
-                    f"{'—' if diffs[-1][1] is None else f'{diffs[-1][1]:+.3f}'} |")
-    if len(seeds) > 1:
-        def ms(values):
-            return f"{statistics.mean(values):+.1f} ± {statistics.pstdev(values):.1f}"
-
-        def mean_loss(rs):
-            ls = [mean_eval_loss(r) for r in rs]
-            return "—" if None in ls else f"{statistics.mean(ls):.3f}"
-
-        dl = [d for _, d in diffs]
-        rows.append(f"| mean ± sd | {ms(_gains([plain[s] for s in seeds]))} | {mean_loss([plain[s] for s in seeds])} "
-                    f"| {ms(_gains([other[s] for s in seeds]))} | {mean_loss([other[s] for s in seeds])} "
-                    f"| {ms([g for g, _ in diffs])} / "
-                    f"{'—' if None in dl else f'{statistics.mean(dl):+.3f} ± {statistics.pstdev(dl):.3f}'} |")
+                    f"({gb:+.1f}) | {_shown(lb)} | {gb - ga:+.1f} / {'—' if dl is None else f'{dl:+.3f}'} |")
+    if len(read) > 1:
+        ga, gb = [g[0][0] for g in read.values()], [g[1][0] for g in read.values()]  # gains: default, other
+        la, lb = [g[0][1] for g in read.values()], [g[1][1] for g in read.values()]  # losses: default, other
+        dl = None if None in la + lb else [y - x for x, y in zip(la, lb)]
+        mean_loss = (lambda ls: "—" if None in ls else f"{statistics.mean(ls):.3f}")
+        rows.append(f"| mean ± sd | {_pm(ga)} | {mean_loss(la)} | {_pm(gb)} | {mean_loss(lb)} "
+                    f"| {_pm([y - x for x, y in zip(ga, gb)])} / {'—' if dl is None else _pm(dl, 3)} |")
     return "\n".join(rows)
 
 
@@ -317,8 +312,7 @@ def quickstart() -> str:
     spreads = {bits: _default_runs(bits, defaults, seeds) for bits in sorted(runs, reverse=True)}
     if all(len(r) > 1 for r in spreads.values()):  # what one seed's end point is worth
         out.append("The gain over zero-shot, mean ± sd over seeds: " + ";\n".join(
-            f"{'fp32' if bits == 32 else f'`--bits {bits}`'} {statistics.mean(_gains(rs)):+.1f} ± "
-            f"{statistics.pstdev(_gains(rs)):.1f} points ({_seeds(rs)})"
+            f"{'fp32' if bits == 32 else f'`--bits {bits}`'} {_pm(_gains(rs))} points ({_seeds(rs)})"
             for bits, rs in spreads.items()) + " ([docs/results.md](docs/results.md)).")
     return "\n".join(out)
 
