@@ -502,6 +502,7 @@ def test_probe_streams_with_every_stream_reseeded_is_the_run_of_that_seed(model_
     import probe_streams
 
     from zoact_edge.cli import main as zoact_main
+    from zoact_edge.recipes import harness
     from zoact_edge.recipes import zoact as recipe
 
     tiny = ["--model", str(model_dirs["llama"]), "--steps", "4", "--batch-size", "4", "--calib-samples", "8",
@@ -516,12 +517,13 @@ def test_probe_streams_with_every_stream_reseeded_is_the_run_of_that_seed(model_
         plain[seed] = losses(tmp_path / f"plain{seed}")
     assert plain[0] != plain[1]
     results = tmp_path / "streams.json"
-    originals = {a: getattr(recipe, a) for a in ("sampled_batches", "build_adapters", "batch_indices", "derive_seed")}
+    originals = {(m, a): getattr(m, a) for m, a in ((recipe, "sampled_batches"), (recipe, "build_adapters"),
+                                                    (harness, "batch_indices"), (recipe, "derive_seed"))}
     for name, swapped in [("all", ["--calibration", "1", "--batches", "1", "--directions", "1"]),
                           ("calibration", ["--calibration", "1"]), ("batches", ["--batches", "1"]),
                           ("directions", ["--directions", "1"])]:
-        for attr, original in originals.items():  # install() patches these: each run starts from the recipe's own
-            monkeypatch.setattr(recipe, attr, original)
+        for (module, attr), original in originals.items():  # install() patches these: each run starts unpatched
+            monkeypatch.setattr(module, attr, original)
         probe_streams.main([*swapped, "--results", str(results), "--", *tiny, "--seed", "0",
                             "--output", str(tmp_path / name)])
         got = losses(tmp_path / name)

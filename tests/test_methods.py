@@ -219,3 +219,63 @@ def test_lr_default_depends_on_the_method():
     assert make_optimizer(p, TuneConfig(method="fo-lora")).param_groups[0]["lr"] == DEFAULT_LR["fo-lora"]
     assert make_optimizer(p, TuneConfig(lr=5e-4)).param_groups[0]["lr"] == 5e-4
     assert TuneConfig(method="mezo").resolved().lr == 1e-6
+
+
+@pytest.mark.parametrize("method", ["zoact", "mezo"])
+def test_step_time_leaves_out_the_evaluations_inside_the_loop(model_dirs, tmp_path, monkeypatch, method):
+    """--eval-every evaluations run inside the loop, but s/step is a step's cost: each of the three in-loop
+    evaluations is made to take 1 s more, and the loop's time must not carry those 3 s, though they pass
+    between its first and last metrics records."""
+    import time
+
+    from zoact_edge.recipes import baselines
+    from zoact_edge.zo import engine
+
+    def slow(evaluate):
+        def wrapped(*args, desc=None, **kwargs):
+            if desc and desc.startswith("eval @"):
+                time.sleep(1.0)
+            return evaluate(*args, desc=desc, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine, "evaluate", slow(engine.evaluate))
+    monkeypatch.setattr(baselines, "evaluate", slow(baselines.evaluate))
+    out = tmp_path / method
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", method, "--steps", 4, "--eval-every", 1,
+                 "--lr", 1e-6 if method == "mezo" else 1e-2, "--save-every", 0, "--output", out, *FAST]) == 0
+    records = _records(out)
+    assert [("eval" in r) for r in records] == [True, True, True, False]  # the last step's is the final eval
+    span = records[-1]["time"] - records[0]["time"]  # steps 2-4 and the three slowed evaluations
+    assert span >= 3.0
+    summary = json.loads((out / "summary.json").read_text())
+    # steps 1-4 alone: with the evaluations counted this would exceed the span (a tiny step takes ~0.2 s)
+    assert summary["train_seconds_this_run"] < span - 2.0
+    assert summary["seconds_per_step"] == pytest.approx(summary["train_seconds_this_run"] / 4, abs=5e-3)
+
+
+def test_mezo_skips_a_non_finite_step_and_fo_lora_stops_at_it(model_dirs, tmp_path, monkeypatch, capsys):
+    """The shared loop's non-finite rule: MeZO's step restores the weights on a NaN loss, so one bad step is
+    skipped and recorded; a backprop step has already applied its NaN gradient, so fo-lora stops at once."""
+    original = ClassificationTask.loss
+    calls = []
+
+    def nan_at_third_step(self, model, batch):
+        calls.append(1)
+        loss = original(self, model, batch)
+        return loss * float("nan") if third(len(calls)) else loss
+
+    monkeypatch.setattr(ClassificationTask, "loss", nan_at_third_step)
+    third = lambda n: n in (5, 6)  # noqa: E731  (MeZO: two losses a step, both of step 3)
+    out = tmp_path / "mezo"
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", "mezo", "--steps", 5, "--lr", 1e-6,
+                 "--save-every", 0, "--output", out, *FAST]) == 0
+    records = _records(out)
+    assert [r["skipped"] for r in records] == [False, False, True, False, False]
+    assert records[2]["loss"] is None and all(r["loss"] is not None for r in records if not r["skipped"])
+    calls.clear()
+    third = lambda n: n == 3  # noqa: E731  (fo-lora: one loss a step)
+    out = tmp_path / "fo"
+    assert _run(["tune", "--model", model_dirs["llama"], "--method", "fo-lora", "--steps", 5, "--lr", 1e-2,
+                 "--save-every", 0, "--output", out, *FAST]) == 2  # a user error
+    assert "zoact-edge: error: step 3: the loss was NaN/inf; lower --lr\n" in capsys.readouterr().err
+    assert not out.exists()

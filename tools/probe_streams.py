@@ -25,6 +25,7 @@ from ablate import locked_update  # noqa: E402  (the lock + atomic write every r
 from probe_run import add_tune_options, run_tune  # noqa: E402
 from record_runs import eval_curve, mean_eval_loss  # noqa: E402
 
+from zoact_edge.recipes import harness  # noqa: E402  (the shared training loop: it draws the batch stream)
 from zoact_edge.recipes import zoact as recipe  # noqa: E402
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "probe_streams.json"
@@ -34,10 +35,11 @@ STREAMS = ("calibration", "batches", "directions")
 def install(seeds: dict) -> None:
     """Reseed the recipe's three streams: each function the recipe passes the run's seed gets ``seeds``' own.
 
-    ``None`` keeps the run's seed for that stream. The recipe reads these three names from its module at
-    call time, so replacing them there reaches the run and nothing else.
+    ``None`` keeps the run's seed for that stream. The recipe reads the calibration and direction names
+    from its module at call time, and the loop it runs (``harness.train_loop``) the batch stream's from
+    its own, so replacing them there reaches the run and nothing else.
     """
-    sampled, build, indices, derive = recipe.sampled_batches, recipe.build_adapters, recipe.batch_indices, \
+    sampled, build, indices, derive = recipe.sampled_batches, recipe.build_adapters, harness.batch_indices, \
         recipe.derive_seed
 
     def calibration(task, split, count, batch_size, seed, tag, device):
@@ -52,8 +54,8 @@ def install(seeds: dict) -> None:
     def directions(seed, *parts):  # the recipe's only derive_seed call: the step seed of the ZO directions
         return derive(_pick(seeds["directions"], seed), *parts)
 
-    recipe.sampled_batches, recipe.build_adapters = calibration, bases
-    recipe.batch_indices, recipe.derive_seed = batches, directions
+    recipe.sampled_batches, recipe.build_adapters, recipe.derive_seed = calibration, bases, directions
+    harness.batch_indices = batches
 
 
 def _pick(own: int | None, run_seed: int) -> int:

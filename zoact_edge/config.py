@@ -145,8 +145,8 @@ class TuneConfig:
     output: str | None = opt(None, "output folder (default: runs/<task>-<date>-<time>)")
     overwrite: bool = opt(False, "replace the zoact-edge run in --output (only a run folder: other folders are "
                                  "refused); the old run stays until the new one's first checkpoint")
-    max_bad_steps: int = opt(10, "abort after this many consecutive non-finite losses (fewer in short runs: "
-                                 "at most half the steps left)")
+    max_bad_steps: int = opt(10, "abort after this many consecutive non-finite losses, each step's update skipped "
+                                 "(fewer in short runs: at most half the steps left; fo-lora: the first)")
 
     def validate(self, resume: str | None = None) -> None:
         """Refuse values out of range and options that do not go together; ``resume``: the run folder ``tune

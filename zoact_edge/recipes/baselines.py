@@ -18,27 +18,22 @@ resumable and neither runs under torchrun or on the ORT backend: they are refere
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .. import rundir
 from ..adapters import targets as tgt
 from ..config import TuneConfig
-from ..data.datasets import batch_indices
 from ..data.evaluate import evaluate
-from ..errors import UserError
 from ..memory import release_free_memory
 from ..paths import atomic_save_file, file_mode
 from ..profiling.fit import check_batch_fits
 from ..profiling.meter import Yardstick
 from ..seeds import derive_seed
 from ..zo.baselines import add_lora_model, backprop_step, mezo_params, mezo_step
-from ..zo.schedule import lr_factor, make_optimizer, set_lr
+from ..zo.schedule import make_optimizer, set_lr
 from . import harness
 
 FORWARDS_PER_STEP = {"mezo": 2, "fo-lora": 3}  # a backward counts as two forwards
@@ -74,40 +69,23 @@ def tune_baseline(cfg: TuneConfig, inputs: harness.Inputs, run: rundir.RunDir, t
     out = run.path
 
     # ---- loop
+    def baseline_step(step: int, idx: list, lr: float):
+        batch = task.collate([splits.train[i] for i in idx]).to(device)
+        if cfg.method == "mezo":
+            def loss_fn():
+                with torch.inference_mode():
+                    return float(task.loss(model, batch))
+            res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
+                            cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
+            return (0.5 * (res.loss_plus + res.loss_minus) if res.finite else None), {"projected_grad": [res.projected]}
+        set_lr(optimizer, lr)
+        return backprop_step(lambda: task.loss(model, batch), optimizer), {}
+
     per_step = FORWARDS_PER_STEP[cfg.method]
-    t_loop = time.time()
-    bar = tqdm(range(cfg.steps), desc=cfg.method, unit="step")
-    with open(out / "metrics.jsonl", "a") as metrics:
-        for step in bar:
-            idx = batch_indices(step, cfg.batch_size, len(splits.train), cfg.seed, inputs.train_lengths)
-            batch = task.collate([splits.train[i] for i in idx]).to(device)
-            lr = cfg.lr * lr_factor(step, cfg)
-            record = {"step": step + 1, "forwards": (step + 1) * per_step, "lr": lr}
-            if cfg.method == "mezo":
-                def loss_fn():
-                    with torch.inference_mode():
-                        return float(task.loss(model, batch))
-                res = mezo_step(params, loss_fn, derive_seed(cfg.seed, step), cfg.eps, lr,
-                                cfg.momentum, buffers if cfg.momentum else None, cfg.weight_decay)
-                loss = 0.5 * (res.loss_plus + res.loss_minus) if res.finite else None
-                record.update(loss=loss, projected_grad=[res.projected], skipped=not res.finite)
-            else:
-                set_lr(optimizer, lr)
-                loss = backprop_step(lambda: task.loss(model, batch), optimizer)
-                record.update(loss=loss, skipped=False)
-            record["time"] = round(time.time() - t_start, 3)
-            if loss is None or loss != loss:
-                raise UserError(
-                    f"step {step + 1}: loss is NaN/inf; lower --lr" + (" or --eps" if cfg.method == "mezo" else "")
-                )
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-            if cfg.evaluates_at(step + 1):
-                record["eval"] = run_eval(f"eval @ {step + 1}")
-                bar.write(f"step {step + 1}: {harness.fmt_metrics(record['eval'])}")
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-    bar.close()
-    loop_seconds = time.time() - t_loop
+    loop_seconds = harness.train_loop(
+        cfg, inputs, baseline_step, run_eval, metrics_path=out / "metrics.jsonl", desc=cfg.method,
+        examples_per_step=cfg.batch_size, forwards_per_step=per_step, t_start=t_start,
+        skips_bad_steps=cfg.method == "mezo")  # a non-finite MeZO step restores the weights; backprop's has stepped
 
     # ---- finish
     final = run_eval("final eval")

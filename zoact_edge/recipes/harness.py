@@ -1,7 +1,8 @@
-"""What every recipe shares at its two ends: the inputs it starts from (model, task, splits) and the
-``summary.json`` it finishes with, so that benchmark harnesses compare methods like for like.
+"""What every training recipe shares: the inputs it starts from (model, task, splits), the loop that
+drives its steps and the ``summary.json`` it finishes with, so that benchmark harnesses compare methods
+like for like. A recipe brings only its setup, its step and its outputs.
 
-The pieces in between live with their layers: the run folder in :mod:`zoact_edge.rundir`, the batch
+The pieces the loop uses live with their layers: the run folder in :mod:`zoact_edge.rundir`, the batch
 stream in :mod:`zoact_edge.data.datasets`, the optimizer and schedule in :mod:`zoact_edge.zo.schedule`,
 the memory yardstick in :mod:`zoact_edge.profiling.meter`.
 """
@@ -9,18 +10,29 @@ the memory yardstick in :mod:`zoact_edge.profiling.meter`.
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import TuneConfig
+from ..data.datasets import batch_indices
 from ..data.evaluate import example_lengths
 from ..data.tasks import build_task
+from ..errors import UserError
 from ..memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes
 from ..models import Loaded, load_model
 from ..profiling.meter import describe_tune_peak
+from ..zo.schedule import lr_factor
 
+log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- setup
 
 
@@ -53,6 +65,61 @@ def load_inputs(cfg: TuneConfig) -> Inputs:
     loaded = load_model(cfg.model, cfg.load_bits, cfg.quant_type, cfg.device, cfg.trust_remote_code)
     task, splits = build_task(cfg, loaded.tokenizer)
     return Inputs(loaded, task, splits, splits.validation[: cfg.eval_samples or None], cfg.batch_order)
+
+
+# --------------------------------------------------------------------------- loop
+
+#: A method's step: ``(step, example indices, lr) -> (loss or None if not finite, the record's own fields)``.
+StepFn = Callable[[int, list, float], tuple[float | None, dict]]
+
+
+def train_loop(cfg: TuneConfig, inputs: Inputs, step_fn: StepFn, run_eval: Callable[[str], dict], *,
+               metrics_path: Path | None, desc: str, examples_per_step: int, forwards_per_step: int, t_start: float,
+               start_step: int = 0, skips_bad_steps: bool = True, after_step: Callable[[int], None] | None = None,
+               show: bool = True) -> float:
+    """Steps ``start_step`` .. ``cfg.steps - 1`` of a run, the same for every method: each step's examples from
+    the run's batch stream, the lr schedule, one ``metrics.jsonl`` record (None: this rank writes none), an
+    evaluation every ``--eval-every`` steps, then ``after_step(steps done)`` (a checkpoint).
+
+    A non-finite loss is skipped ``--max-bad-steps`` times in a row (at most half the steps left) when the
+    method's step skips its update on one (``skips_bad_steps``); a backprop step has already applied it, so
+    the run stops at the first. Returns the seconds the steps took, the evaluations inside the loop left out,
+    so s/step is a step's cost whatever ``--eval-every`` is.
+    """
+    bad_limit = max(1, min(cfg.max_bad_steps, (cfg.steps - start_step + 1) // 2)) if skips_bad_steps else 1
+    advice = "lower --lr" + ("" if cfg.method == "fo-lora" else " or --eps")
+    bad_in_a_row, eval_seconds, t_loop = 0, 0.0, time.time()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc, unit="step",
+               disable=not show)
+    with open(metrics_path or os.devnull, "a") as metrics:
+        for step in bar:
+            idx = batch_indices(step, examples_per_step, len(inputs.splits.train), cfg.seed, inputs.train_lengths)
+            lr = cfg.lr * lr_factor(step, cfg)
+            loss, fields = step_fn(step, idx, lr)
+            finite = loss is not None and math.isfinite(loss)
+            record = {"step": step + 1, "forwards": (step + 1) * forwards_per_step, "loss": loss if finite else None,
+                      "lr": lr, **fields, "skipped": not finite, "time": round(time.time() - t_start, 3)}
+            if finite:
+                bad_in_a_row = 0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
+            else:
+                bad_in_a_row += 1
+                if bad_in_a_row >= bad_limit:
+                    raise UserError(f"step {step + 1}: the loss was NaN/inf"
+                                    + (f" for {bad_in_a_row} steps in a row" if bad_in_a_row > 1 else "")
+                                    + f"; {advice}")
+                log.warning("step %d: non-finite loss, update skipped", step + 1)
+            if cfg.evaluates_at(step + 1):
+                t_eval = time.time()
+                record["eval"] = run_eval(f"eval @ {step + 1}")
+                eval_seconds += time.time() - t_eval
+                bar.write(f"step {step + 1}: {fmt_metrics(record['eval'])}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if after_step is not None:
+                after_step(step + 1)
+    bar.close()
+    return time.time() - t_loop - eval_seconds
 
 
 # --------------------------------------------------------------------------- finish

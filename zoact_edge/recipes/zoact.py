@@ -11,7 +11,6 @@ a run resumed from a checkpoint replays exactly the batches and directions it wo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -28,7 +27,6 @@ from ..adapters.build import build_adapters, inject_adapters
 from ..adapters.compensate import compensate_from
 from ..adapters.subspace import fold_and_resample
 from ..config import TuneConfig
-from ..data.datasets import batch_indices
 from ..data.tasks import sampled_batches, scored_mask
 from ..errors import UserError
 from ..memory import release_free_memory
@@ -39,8 +37,8 @@ from ..zo import distributed, perturb
 from ..zo.engine import LossEngine, TorchEngine
 from ..zo.estimator import fused_by_default
 from ..zo.prefix import PrefixCache
-from ..zo.schedule import lr_factor, make_optimizer, set_lr
-from .harness import Inputs, fmt_metrics, run_costs, run_summary
+from ..zo.schedule import make_optimizer, set_lr
+from .harness import Inputs, fmt_metrics, run_costs, run_summary, train_loop
 
 log = logging.getLogger(__name__)
 CALIBRATION_TAG = 0xCA11B  # the calibration examples' draw, apart from every other seeded stream of the run
@@ -129,56 +127,31 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
     per_rank = cfg.batch_size * cfg.accum_steps
     forwards_per_step = 2 * cfg.queries * cfg.accum_steps * ranks.world_size  # batch-sized forwards, all ranks
     folded: dict = {}  # subspace resampling: earlier (P, B) pairs, already merged into the weights
-    bad_in_a_row, t_loop = 0, time.time()
-    # A short run is not allowed to skip most of its steps and still "succeed" with an untrained adapter.
-    bad_limit = max(1, min(cfg.max_bad_steps, (cfg.steps - start_step + 1) // 2))
     # Testing hook: die by SIGKILL at the start of this step, like a crash or an OOM kill.
     kill_at = int(os.environ.get("ZOACT_KILL_AT_STEP", "0"))
-    bar = tqdm(
-        range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="zo-act", unit="step", disable=not main
-    )
-    with open(run.path / "metrics.jsonl" if main else os.devnull, "a") as metrics:
-        for step in bar:
-            if step + 1 == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            # The step's examples: this rank's slice, as accum_steps micro-batches of batch_size.
-            idx = batch_indices(step, per_rank * ranks.world_size, len(splits.train), cfg.seed, inputs.train_lengths)
-            idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
-            micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])
-                     .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
-                     for s in range(0, per_rank, cfg.batch_size)]
-            lr = cfg.lr * lr_factor(step, cfg)
-            set_lr(optimizer, lr)
-            if cfg.resample_every and step and step % cfg.resample_every == 0:
-                fold_and_resample(layers, groups, cfg.rank, cfg.seed, step // cfg.resample_every, folded)
-                optimizer.state.clear()  # Adam moments of the old coordinates mean nothing now
-            res = engine.step(micro, derive_seed(cfg.seed, step), optimizer)
-            record = {
-                "step": step + 1,
-                "forwards": (step + 1) * forwards_per_step,
-                "loss": res.loss if res.finite else None,
-                "lr": lr,
-                "projected_grad": res.projected,
-                "skipped": not res.finite,
-                "time": round(time.time() - t_start, 3),
-            }
-            if not res.finite:
-                bad_in_a_row += 1
-                log.warning("step %d: non-finite loss, update skipped", step + 1)
-                if bad_in_a_row >= bad_limit:
-                    raise UserError(f"loss was NaN/inf for {bad_in_a_row} steps in a row; lower --lr or --eps")
-            else:
-                bad_in_a_row = 0
-                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2g}")
-            if cfg.evaluates_at(step + 1):
-                record["eval"] = run_eval(f"eval @ {step + 1}")
-                bar.write(f"step {step + 1}: {fmt_metrics(record['eval'])}")
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                checkpoint(step + 1)
-    bar.close()
-    loop_seconds = time.time() - t_loop
+
+    def zo_step(step: int, idx: list, lr: float):
+        if step + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        idx = idx[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]  # this rank's slice of the step's examples
+        micro = [task.collate([splits.train[i] for i in idx[s:s + cfg.batch_size]])  # accum_steps micro-batches
+                 .with_example_ids(idx[s:s + cfg.batch_size]).to(device)  # the --cache-prefix keys
+                 for s in range(0, per_rank, cfg.batch_size)]
+        set_lr(optimizer, lr)
+        if cfg.resample_every and step and step % cfg.resample_every == 0:
+            fold_and_resample(layers, groups, cfg.rank, cfg.seed, step // cfg.resample_every, folded)
+            optimizer.state.clear()  # Adam moments of the old coordinates mean nothing now
+        res = engine.step(micro, derive_seed(cfg.seed, step), optimizer)
+        return (res.loss if res.finite else None), {"projected_grad": res.projected}
+
+    def after_step(done: int):
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            checkpoint(done)
+
+    loop_seconds = train_loop(
+        cfg, inputs, zo_step, run_eval, metrics_path=run.path / "metrics.jsonl" if main else None, desc="zo-act",
+        examples_per_step=per_rank * ranks.world_size, forwards_per_step=forwards_per_step, t_start=t_start,
+        start_step=start_step, after_step=after_step, show=main)
     yardstick.meter.split("steps")
 
     # ---- finish: final evaluation and outputs
