@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import make_model
 from helpers import autograd_grads, forward, randomize_coefficients, rt_examples, rt_task
@@ -170,3 +171,47 @@ def test_whitened_scored_run_resumes_bit_identically(model_dirs, tmp_path):
 def _cli(args, env=None):
     return subprocess.run([sys.executable, "-m", "zoact_edge", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_adam_takes_a_column_scale_out_of_the_step():
+    """The premise of tools/diagnose_scaling.py: gradients scaled by D per column give Adam (as ``tune`` builds
+    it) the same trajectory as unscaled ones, where SGD's differs: under Adam, --perturb acts only through p."""
+    from zoact_edge.config import TuneConfig
+    from zoact_edge.zo.schedule import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    D = torch.tensor([1.0, 8.0, 60.0, 900.0])
+    for optimizer, same in (("adam", True), ("sgd", False)):
+        plain, scaled = torch.zeros(3, 4, requires_grad=True), torch.zeros(3, 4, requires_grad=True)
+        cfg = TuneConfig(optimizer=optimizer, lr=1e-2)
+        opt_plain, opt_scaled = make_optimizer([plain], cfg), make_optimizer([scaled], cfg)
+        for _ in range(20):
+            g = torch.randn(3, 4, generator=gen)
+            plain.grad, scaled.grad = g.clone(), g * D
+            opt_plain.step()
+            opt_scaled.step()
+        assert torch.allclose(plain, scaled, rtol=1e-4, atol=1e-7) == same, optimizer
+
+
+def test_adam_efficiency_is_the_descent_of_a_normalised_zo_step():
+    """eta(D) against a Monte Carlo of the Adam-form step p Z / rms(p), p = <g, Z D>: its mean descent <g, .>
+    with D over the same with D = 1; <= 1, and 1 for a constant D."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from diagnose_scaling import adam_efficiency
+
+    gen = torch.Generator().manual_seed(1)
+    g = {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+         "b": torch.randn(5, 4, generator=gen, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3, 0.1])}
+    scales = {"a": torch.tensor([1.0, 2.0, 5.0, 9.0]), "b": None}
+    energies = {n: v.pow(2).sum(0) for n, v in g.items()}
+
+    def descent(D: dict) -> float:
+        Z = {n: torch.randn(200_000, *v.shape, generator=gen, dtype=torch.float64) for n, v in g.items()}
+        p = sum((Z[n] * v * (1 if D.get(n) is None else D[n].double())).sum((1, 2)) for n, v in g.items())
+        along = sum((Z[n] * v).sum((1, 2)) for n, v in g.items())  # <Z, g>: the step p Z / rms(p) along g
+        return float((p * along).mean() / p.pow(2).mean().sqrt())
+
+    eta = adam_efficiency(energies, scales)
+    assert eta == pytest.approx(descent(scales) / descent({}), rel=0.02)
+    assert 0.5 < eta < 0.99
+    assert adam_efficiency(energies, {"a": torch.full((4,), 7.0), "b": torch.full((4,), 7.0)}) == pytest.approx(1.0)

@@ -15,6 +15,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
   exact one-query ZO), beside the comparison's runs of the same task and seed;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
   curvature per searched space);
+* ``docs/results/diagnose_scaling.json``: ``tools/diagnose_scaling.py`` (what each ``--perturb`` column
+  scaling leaves of an Adam step's descent);
 * ``docs/results/probe_average.json``: ``tools/probe_average.py`` (the iterates averaged);
 * ``docs/results/probe_streams.json``: ``tools/probe_streams.py`` (a seed's three random streams swapped one at
   a time), beside the default runs of the seeds it mixes;
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from diagnose_rounding import rounding_table  # noqa: E402
+from diagnose_scaling import scaling_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
@@ -62,6 +65,7 @@ LBEGIN, LEND = "<!-- curves:begin -->", "<!-- curves:end -->"
 GBEGIN, GEND = "<!-- order:begin -->", "<!-- order:end -->"
 XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
 MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
+ZBEGIN, ZEND = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 # How a method is named in the tables (every other method by its --method value).
 LABELS = {"calibrate": "calibrate (prior only)"}
 REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
@@ -324,6 +328,7 @@ def main() -> None:
         + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
+        + ([(ZBEGIN, ZEND, scaling_table(scl))] if (scl := _load("diagnose_scaling.json")) else [])
         + ([(VBEGIN, VEND, average_table(avg))] if (avg := _load("probe_average.json")) else [])
         + ([(XBEGIN, XEND, streams_table(mix, default_run))] if (mix := _load("probe_streams.json")) else [])
         + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else [])

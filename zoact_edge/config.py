@@ -91,7 +91,7 @@ class TuneConfig:
         "scaling of the perturbation Z per adapter column (zoact_edge/zo/perturb.py): plain N(0, "
         "I); rank (1/sqrt(r)); layer-norm (norm of Z P^T matched to a full-weight perturbation: "
         "sqrt(d_in/r)); whiten (column j times sigma_0/sigma_j, the basis' activation RMS: "
-        "equalises curvature under sgd, half of it under adam). Each needs its own --lr",
+        "equalises curvature under sgd; under adam it only lowers each step's descent). Each needs its own --lr",
         ["plain", "rank", "layer-norm", "whiten"],
     )
     compensate: bool | None = opt(None, "start each adapter at its layer's 4-bit rounding error inside the basis, "

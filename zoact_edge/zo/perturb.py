@@ -5,7 +5,9 @@ column j of Z by ``D_j`` (see :meth:`zoact_edge.adapters.layer.ZOActLinear.direc
 ``eps * Z D`` and the update regenerates the same ``Z D``, so the estimate is
 ``g = projected * Z D`` with E[g] = D^2 * dL/dB column-wise: SGD then steps along D^2 times the
 gradient. Adam divides each coordinate by its own RMS (which also scales with D_j), so under Adam
-the same scaling acts as D, not D^2. A constant D only rescales eps and lr.
+the same scaling acts as D, not D^2, on the step's mean, while every coordinate still moves about lr:
+a D that is not constant then only lowers the descent at the same noise (docs/results.md, "Why a
+column scaling cannot help under Adam"). A constant D only rescales eps (and, under SGD, lr).
 
 * ``plain``: D = 1 (the paper's N(0, I)).
 * ``rank``: D = 1/sqrt(r), so the total perturbation norm does not grow with the rank.
