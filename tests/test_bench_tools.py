@@ -545,3 +545,24 @@ def test_probe_streams_with_every_stream_reseeded_is_the_run_of_that_seed(model_
     assert first[0] == "| `zoact-edge tune (recorded)`" and first[2:5] == ["0", "0", "0"] and first[6] == ""
     assert first[8] == f"{records[0]['tuned']['loss']:.3f}"  # no evaluation at the probes' steps: the final alone
     assert with_plain.splitlines()[3:] == probe_streams.streams_table({"records": records}).splitlines()[2:]
+
+
+def test_ablate_runs_a_named_run_once_and_records_its_batch_order(model_dirs, tmp_path, capsys):
+    """tools/ablate.py end to end on the tiny model: one named run, its record (settings, curve, batch order),
+    and a second call that finds it done and runs nothing."""
+    import ablate
+
+    out = tmp_path / "abl.json"
+    argv = ["--runs", "r16-rank-lr1e-3", "--model", str(model_dirs["llama"]), "--budget", "4", "--points", "2",
+            "--batch-size", "4", "--eval-samples", "8", "--extra", "--calib-samples 8 --max-length 24",
+            "--output", str(out)]
+    ablate.main(argv)
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 1
+    rec = records[0]
+    assert (rec["name"], rec["batch_order"], rec["steps"], rec["forwards"]) == ("r16-rank-lr1e-3", "random", 2, 4)
+    assert rec["settings"] == {"rank": 16, "perturb": "rank", "lr": 1e-3, "eps": 1e-3}
+    assert [f for f, _ in rec["curve"]] == [0, 2, 4]  # zero-shot, the one evaluation, the final one
+    capsys.readouterr()
+    ablate.main(argv)  # already in the file: skipped
+    assert len(json.loads(out.read_text())["records"]) == 1 and "r16-rank-lr1e-3" not in capsys.readouterr().out

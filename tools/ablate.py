@@ -54,6 +54,8 @@ RUNS: dict[str, tuple[str, dict]] = {
     "r16-whiten-lr1e-3": ("zoact", {"rank": 16, "perturb": "whiten", "lr": 1e-3, "eps": 1e-3}),
     "r16-whiten-sgd-lr1e-5": ("zoact", {"rank": 16, "perturb": "whiten", "optimizer": "sgd", "lr": 1e-5, "eps": 1e-3}),
     "r16-whiten-sgd-lr3e-5": ("zoact", {"rank": 16, "perturb": "whiten", "optimizer": "sgd", "lr": 3e-5, "eps": 1e-3}),
+    "r16-whiten-sgd-lr3e-6": ("zoact", {"rank": 16, "perturb": "whiten", "optimizer": "sgd", "lr": 3e-6, "eps": 1e-3}),
+    "r16-whiten-sgd-lr1e-6": ("zoact", {"rank": 16, "perturb": "whiten", "optimizer": "sgd", "lr": 1e-6, "eps": 1e-3}),
     "r4-whiten-lr1e-3": ("zoact", {"rank": 4, "perturb": "whiten", "lr": 1e-3, "eps": 1e-3}),
     "r16-rank-lr1e-3": ("zoact", {"rank": 16, "perturb": "rank", "lr": 1e-3, "eps": 1e-3}),
     "r16-layer-norm-lr1e-3": ("zoact", {"rank": 16, "perturb": "layer-norm", "lr": 1e-3, "eps": 1e-3}),
@@ -86,8 +88,9 @@ def forwards_per_step(method: str, settings: dict) -> int:
 
 
 def _same(r: dict, name: str, task: str, seed: int, args) -> bool:
-    return (r["name"], r["task"], r["seed"], r["budget"], r["batch_size"], r["eval_samples"]) == (
-        name, task, seed, args.budget, args.batch_size, args.eval_samples)
+    return (r["name"], r["task"], r["seed"], r["budget"], r["batch_size"], r["eval_samples"],
+            r.get("batch_order", "random")) == (
+        name, task, seed, args.budget, args.batch_size, args.eval_samples, args.batch_order)
 
 
 def locked_update(path: Path, change) -> dict:
@@ -148,6 +151,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=300, help="training forwards per run")
     p.add_argument("--points", type=int, default=3, help="validation evaluations per run (plus zero-shot and final)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-order", choices=["random", "length"], default="random",
+                   help="every run's batch order (random: the order of every record before it was an option)")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--bits", type=int, default=0)
     p.add_argument("--model", default=None)
