@@ -272,6 +272,8 @@ def test_mezo_skips_a_non_finite_step_and_fo_lora_stops_at_it(model_dirs, tmp_pa
     records = _records(out)
     assert [r["skipped"] for r in records] == [False, False, True, False, False]
     assert records[2]["loss"] is None and all(r["loss"] is not None for r in records if not r["skipped"])
+    assert records[2]["projected_grad"] == [None]  # NaN written as null: metrics.jsonl is strict JSON
+    json.loads((out / "metrics.jsonl").read_text().splitlines()[2], parse_constant=lambda c: pytest.fail(c))
     calls.clear()
     third = lambda n: n == 3  # noqa: E731  (fo-lora: one loss a step)
     out = tmp_path / "fo"

@@ -33,6 +33,7 @@ from ..profiling.meter import describe_tune_peak
 from ..zo.schedule import lr_factor
 
 log = logging.getLogger(__name__)
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -97,6 +98,9 @@ def train_loop(cfg: TuneConfig, inputs: Inputs, step_fn: StepFn, run_eval: Calla
             lr = cfg.lr * lr_factor(step, cfg)
             loss, fields = step_fn(step, idx, lr)
             finite = loss is not None and math.isfinite(loss)
+            if not finite:  # its projected gradients are NaN/inf too: null, so that metrics.jsonl stays strict JSON
+                fields = {k: [x if math.isfinite(x) else None for x in v] if isinstance(v, list) else v
+                          for k, v in fields.items()}
             record = {"step": step + 1, "forwards": (step + 1) * forwards_per_step, "loss": loss if finite else None,
                       "lr": lr, **fields, "skipped": not finite, "time": round(time.time() - t_start, 3)}
             if finite:
