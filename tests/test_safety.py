@@ -346,3 +346,35 @@ def test_non_finite_adapter_is_never_saved(tmp_path):
     with pytest.raises(UserError, match="NaN/inf"):
         adapter_io.save_peft(tmp_path, {"l": layer}, "base")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["file", "path"])
+def test_atomic_writes_replace_whole_or_leave_the_old_file(tmp_path, how):
+    """paths.atomic_write (a file object) and atomic_save_file (a path for a library): a failure half-way
+    leaves the old file as it was and no temp file; success replaces it, with the mode a plain open() gives."""
+    from zoact_edge.paths import atomic_save_file, atomic_write
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def write(text: str, fail: bool) -> None:
+        if how == "file":
+            with atomic_write(target) as f:
+                f.write(text)
+                if fail:
+                    raise RuntimeError("disk full")
+        else:
+            def write_fn(p):
+                Path(p).write_text(text)
+                if fail:
+                    raise RuntimeError("disk full")
+            atomic_save_file(write_fn, target)
+
+    with pytest.raises(RuntimeError):
+        write("half", fail=True)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    write("new", fail=False)
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -28,11 +28,20 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def _tmp_file(path: Path) -> tuple[int, str]:
+@contextlib.contextmanager
+def _temp_beside(path: Path):
+    """``(fd, name)`` of a new temp file beside ``path``, renamed over ``path`` when the block succeeds and
+    removed when it fails; the block must close ``fd``."""
     # mkstemp creates 0600 files; give the final file the mode a plain open() would have.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, file_mode())
-    return fd, tmp
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def cache_dir() -> Path:
@@ -45,35 +54,20 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Write to a temp file beside ``path`` and rename it over ``path`` on success."""
-    path = Path(path)
-    fd, tmp = _tmp_file(path)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _temp_beside(Path(path)) as (fd, _), os.fdopen(fd, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_save_file(write_fn, path: str | os.PathLike) -> None:
     """Call ``write_fn(tmp_path)`` and rename the result to ``path`` (for libraries that want a path)."""
-    path = Path(path)
-    fd, tmp = _tmp_file(path)
-    os.close(fd)
-    try:
+    with _temp_beside(Path(path)) as (fd, tmp):
+        os.close(fd)
         write_fn(tmp)
         os.chmod(tmp, file_mode())  # libraries that write via their own temp file (safetensors) leave 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
