@@ -146,8 +146,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     for at in [None] + ([args.at] if args.at else []):
         rec = measure(at, args.batches)
-        locked_update(Path(args.output), lambda d: (d.__setitem__("records", [
-            r for r in d["records"] if r["at"] != rec["at"]]), d["records"].append(rec)))
+
+        def replace_point(data: dict, rec=rec) -> None:  # one record per point: a rerun replaces it
+            data["records"] = [r for r in data["records"] if r["at"] != rec["at"]] + [rec]
+
+        locked_update(Path(args.output), replace_point)
     print(scaling_table(locked_update(Path(args.output), lambda d: None)))
 
 
