@@ -566,3 +566,28 @@ def test_ablate_runs_a_named_run_once_and_records_its_batch_order(model_dirs, tm
     capsys.readouterr()
     ablate.main(argv)  # already in the file: skipped
     assert len(json.loads(out.read_text())["records"]) == 1 and "r16-rank-lr1e-3" not in capsys.readouterr().out
+
+
+def _append_many(path: str, tag: str, n: int) -> None:
+    from results_io import locked_update
+
+    for i in range(n):
+        locked_update(Path(path), lambda d: d["records"].append({"tag": tag, "i": i}))
+
+
+def test_results_files_lose_no_record_to_a_process_beside_them(tmp_path):
+    """Two processes appending to one results file at once (benchmarks run side by side): every record of
+    both is there, each process' in its own order."""
+    import multiprocessing
+
+    path = tmp_path / "results.json"
+    procs = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(str(path), tag, 40))
+             for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    records = json.loads(path.read_text())["records"]
+    for tag in ("a", "b"):
+        assert [r["i"] for r in records if r["tag"] == tag] == list(range(40))

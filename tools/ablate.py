@@ -18,15 +18,13 @@ one queue on two threads): records are merged into the file under a lock, never 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import RESULTS, run_one  # noqa: E402  (the harness' run, not a copy)
+from results_io import locked_update  # noqa: E402
 
 PATH = RESULTS / "ablations.json"
 
@@ -91,19 +89,6 @@ def _same(r: dict, name: str, task: str, seed: int, args) -> bool:
     return (r["name"], r["task"], r["seed"], r["budget"], r["batch_size"], r["eval_samples"],
             r.get("batch_order", "random")) == (
         name, task, seed, args.budget, args.batch_size, args.eval_samples, args.batch_order)
-
-
-def locked_update(path: Path, change) -> dict:
-    """Read-modify-write of the results file under an exclusive lock; the write is atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.exists() else {"records": []}
-        change(data)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-        return data
 
 
 def ablate(args) -> None:

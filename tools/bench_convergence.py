@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 
 from zoact_edge.recipes.baselines import FORWARDS_PER_STEP as BASELINE_FORWARDS_PER_STEP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import locked_update  # noqa: E402  (appends under a lock: runs side by side lose no record)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -112,13 +114,6 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"records": []}
 
 
-def _save(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # never a half-written results file
-
-
 def _same_scale(r: dict, args) -> bool:
     """Whether record ``r`` ran at this invocation's forward budget, batch (size and order), eval samples and bits.
 
@@ -152,17 +147,15 @@ def sweep(args) -> None:
     choice is the best of all of them, lr and eps stages together.
     """
     path, sealed_path = Path(args.sweep_file), Path(args.sealed_file)
-    data, sealed = _load(path), _load(sealed_path)
+    data = _load(path)
 
     def ensure(method: str, settings: dict) -> dict:
         for r in data["records"]:
             if _same_run(r, method, args.task, 0, settings, args):
                 return r
         rec = run_one(method, args.task, 0, args.budget, args.points, settings, args, test=True)
-        sealed["records"].append(rec)
-        _save(sealed_path, sealed)
-        data["records"].append({**rec, "test_accuracy": None})
-        _save(path, data)
+        locked_update(sealed_path, lambda d: d["records"].append(rec))
+        data["records"] = locked_update(path, lambda d: d["records"].append({**rec, "test_accuracy": None}))["records"]
         print(
             f"{args.task} {method} {settings}: val {rec['val_accuracy']:.3f} ({rec['wall_seconds']:.0f} s)", flush=True
         )
@@ -254,8 +247,7 @@ def run(args) -> None:
                     if same
                     else run_one(method, task, seed, args.budget, args.points, settings, args, test=True)
                 )
-                data["records"].append(rec)
-                _save(path, data)
+                data = locked_update(path, lambda d: d["records"].append(rec))  # with any other process' records
                 print(f"{task} seed {seed} {method}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
                       f"({rec['wall_seconds']:.0f} s{', from the sweep' if same else ''})", flush=True)
     plot(data, Path(args.plot))

@@ -57,7 +57,7 @@ from zoact_edge.seeds import derive_seed
 from zoact_edge.zo.baselines import mezo_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_curvature.json"
 PROBE_TAG = 0xC0B7  # the probes' directions, apart from every stream tune draws

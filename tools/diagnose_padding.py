@@ -33,7 +33,7 @@ from zoact_edge.data.tasks import hidden_states
 from zoact_edge.recipes.harness import load_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_padding.json"
 TUNE_OPTIONS = {"model", "task", "bits", "max_length", "seed"}

@@ -44,7 +44,7 @@ from zoact_edge.recipes.harness import load_inputs
 from zoact_edge.recipes.zoact import CALIBRATION_TAG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 OUT = RESULTS / "diagnose_rounding.json"

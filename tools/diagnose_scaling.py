@@ -47,7 +47,7 @@ from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.zo import perturb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_scaling.json"
 

@@ -43,8 +43,8 @@ from zoact_edge.models import load_model
 from zoact_edge.recipes.harness import load_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 from record_runs import compensated  # noqa: E402
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_transfer.json"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 from probe_run import add_tune_options, run_tune  # noqa: E402
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 from zoact_edge.zo.engine import TorchEngine  # noqa: E402
 

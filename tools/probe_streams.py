@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 from probe_run import add_tune_options, run_tune  # noqa: E402
 from record_runs import eval_curve, mean_eval_loss  # noqa: E402
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 from zoact_edge.recipes import harness  # noqa: E402  (the shared training loop: it draws the batch stream)
 from zoact_edge.recipes import zoact as recipe  # noqa: E402

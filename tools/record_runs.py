@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 from zoact_edge.config import TuneConfig  # noqa: E402
 from zoact_edge.memory import fmt_bytes  # noqa: E402
