@@ -79,8 +79,9 @@ def test_sweep_brackets_a_new_task_from_the_first_ones_choice_then_sweeps_eps_an
     (tmp_path / "sweep.json").write_text(json.dumps({"records": sweep + [other]}))
     out = tmp_path / "conv.json"
     bench_convergence.main(["run", "--tasks", "tweets", "--methods", "subspace", "--seeds", "0,1", *files,
-                            "--output", str(out), "--plot", str(tmp_path / "conv.png")])
+                            "--output", str(out)])
     assert calls == [("tweets", 1, grid[4], 1e-2)]  # seed 0 is the sweep's own run at the chosen setting, not redone
+    assert (tmp_path / "conv.png").stat().st_size > 0  # the picture beside --output, not the committed one
     recs = json.loads(out.read_text())["records"]
     assert [(r["seed"], round(r["test_accuracy"], 6)) for r in recs] == [(0, 0.8), (1, 0.81)]
 
@@ -591,3 +592,12 @@ def test_results_files_lose_no_record_to_a_process_beside_them(tmp_path):
     records = json.loads(path.read_text())["records"]
     for tag in ("a", "b"):
         assert [r["i"] for r in records if r["tag"] == tag] == list(range(40))
+
+
+def test_budget_table_reads_each_long_run_with_its_loss_and_sealed_test():
+    rec = {"task": "rotten-tomatoes", "method": "zoact", "seed": 0, "forwards": 1500,
+           "settings": {"lr": 0.001, "eps": 0.001, "schedule": "cosine"}, "val_loss": 0.52764,
+           "curve": [[0, 0.545], [750, 0.7], [1500, 0.745]], "test_accuracy": 0.751}
+    row = readme_results.budget_table({"records": [rec, {**rec, "test_accuracy": None}]}).splitlines()[2:]
+    assert row[0].endswith("| 0.700 / 0.745 (at 750 / 1500) | 0.528 | 75.1 |") and "schedule cosine" in row[0]
+    assert row[1].endswith("| 0.528 | n/a |")

@@ -250,7 +250,7 @@ def run(args) -> None:
                 data = locked_update(path, lambda d: d["records"].append(rec))  # with any other process' records
                 print(f"{task} seed {seed} {method}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
                       f"({rec['wall_seconds']:.0f} s{', from the sweep' if same else ''})", flush=True)
-    plot(data, Path(args.plot))
+    plot(data, Path(args.plot) if args.plot else path.with_suffix(".png"))
 
 
 def mean_curve(records: list[dict]) -> list[tuple[int, float, float]]:
@@ -276,12 +276,14 @@ def plot(data: dict, path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             recs = [r for r in data["records"] if r["task"] == task and r["method"] == method]
-            if not recs:
-                continue
-            curve = mean_curve(recs)
-            xs, ys, sd = zip(*curve)
-            ax.plot(xs, ys, marker="o", label=f"{method} (n={len(recs)})")
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
+            # one curve per configuration: a file of long runs holds several settings of one method
+            configs = sorted({json.dumps(r["settings"], sort_keys=True) for r in recs})
+            for config in configs:
+                same = [r for r in recs if json.dumps(r["settings"], sort_keys=True) == config]
+                xs, ys, sd = zip(*mean_curve(same))
+                extra = "" if len(configs) == 1 else " " + ", ".join(f"{k} {v}" for k, v in json.loads(config).items())
+                ax.plot(xs, ys, marker="o", label=f"{method}{extra} (n={len(same)})")
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
         prior = [r["val_accuracy"] for r in data["records"] if r["task"] == task and r["method"] in FIXED]
         if prior:
             ax.axhline(statistics.mean(prior), color="grey", linestyle="--",
@@ -323,7 +325,7 @@ def main(argv=None) -> None:
     r.add_argument("--tasks", default="rotten-tomatoes,tweets")
     r.add_argument("--seeds", default="0,1,2")
     r.add_argument("--output", default=str(RESULTS / "convergence.json"))
-    r.add_argument("--plot", default=str(RESULTS / "convergence.png"))
+    r.add_argument("--plot", default=None, help="the curves' picture (default: --output with .png)")
     r.add_argument("--settings-budget", type=int, default=None, metavar="FORWARDS",
                    help="read each method's settings from the sweep at this budget (default: --budget)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

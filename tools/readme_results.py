@@ -261,14 +261,15 @@ def ablation_table(data: dict) -> str:
 def budget_table(data: dict) -> str:
     """One row per long-budget run (``bench_convergence.py run --budget 1500``): the validation curve and
     the sealed test accuracy read once at the end."""
-    rows = ["| task | method | seed | settings | val acc. at forwards | test acc. (%) |", "|---|---|---|---|---|---|"]
+    rows = ["| task | method | seed | settings | val acc. at forwards | final val loss | test acc. (%) |",
+            "|---|---|---|---|---|---|---|"]
     for r in sorted(data.get("records", []), key=lambda r: (r["task"], r["forwards"], r["method"], r["seed"])):
         points = [(f, a) for f, a in r["curve"] if f > 0]
         accs = " / ".join(f"{a:.3f}" for _, a in points)
         at = " / ".join(str(f) for f, _ in points)
         test = "n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}"
         rows.append(f"| {r['task']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} | {_label(r['settings'])} "
-                    f"| {accs} (at {at}) | {test} |")
+                    f"| {accs} (at {at}) | {r['val_loss']:.3f} | {test} |")
     return "\n".join(rows)
 
 
