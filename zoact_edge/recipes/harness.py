@@ -88,7 +88,7 @@ def train_loop(cfg: TuneConfig, inputs: Inputs, step_fn: StepFn, run_eval: Calla
     so s/step is a step's cost whatever ``--eval-every`` is.
     """
     bad_limit = max(1, min(cfg.max_bad_steps, (cfg.steps - start_step + 1) // 2)) if skips_bad_steps else 1
-    advice = "lower --lr" + ("" if cfg.method == "fo-lora" else " or --eps")
+    advice = "lower --lr or --eps" if skips_bad_steps else "lower --lr"  # the skipping steps are the ZO ones
     bad_in_a_row, eval_seconds, t_loop = 0, 0.0, time.time()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc, unit="step",
                disable=not show)
