@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_convergence  # noqa: E402
+import budget_tables  # noqa: E402
 import readme_results  # noqa: E402
 
 
@@ -598,6 +599,31 @@ def test_budget_table_reads_each_long_run_with_its_loss_and_sealed_test():
     rec = {"task": "rotten-tomatoes", "method": "zoact", "seed": 0, "forwards": 1500,
            "settings": {"lr": 0.001, "eps": 0.001, "schedule": "cosine"}, "val_loss": 0.52764,
            "curve": [[0, 0.545], [750, 0.7], [1500, 0.745]], "test_accuracy": 0.751}
-    row = readme_results.budget_table({"records": [rec, {**rec, "test_accuracy": None}]}).splitlines()[2:]
+    row = budget_tables.budget_table({"records": [rec, {**rec, "test_accuracy": None}]}).splitlines()[2:]
     assert row[0].endswith("| 0.700 / 0.745 (at 750 / 1500) | 0.528 | 75.1 |") and "schedule cosine" in row[0]
     assert row[1].endswith("| 0.528 | n/a |")
+
+
+def test_budget_means_pool_seeds_and_compare_with_zoact_under_the_same_options():
+    def rec(method, seed, test, settings, val=0.7, loss=0.5):
+        return {"task": "rotten-tomatoes", "method": method, "seed": seed, "forwards": 1500, "settings": settings,
+                "val_accuracy": val, "val_loss": loss, "curve": [[0, 0.5], [1500, val]], "test_accuracy": test}
+
+    cos, cos4 = {"lr": 0.001, "eps": 0.001, "schedule": "cosine"}, {"lr": 0.004, "eps": 0.001, "schedule": "cosine"}
+    recs = ([rec("zoact", s, t, cos) for s, t in [(0, 0.75), (1, 0.77), (2, 0.73)]]
+            + [rec("mezo", s, t, {**cos, "lr": 1e-4}) for s, t in [(0, 0.70), (1, 0.71), (2, 0.72)]]
+            + [rec("subspace", s, t, cos4) for s, t in [(0, 0.76), (1, 0.74), (2, 0.75)]]
+            + [rec("zoact", 0, 0.72, {"lr": 0.001, "eps": 0.001})])  # one seed: not pooled, not a reference
+    rows = budget_tables.budget_means_table({"records": recs}).splitlines()[2:]
+    assert [r.split(" | ")[2] for r in rows] == ["mezo", "subspace", "zoact"]
+    mezo, sub, zo = rows
+    # by hand: mezo 71.0 ± 0.8 against zoact 75.0 ± 1.6 (population sd), ranges apart; subspace's overlap
+    assert "| 0, 1, 2 |" in mezo and "| 71.0 ± 0.8 |" in mezo and mezo.endswith("| -4.0 |")
+    assert sub.endswith("| +0.0 (inside the spread) |")
+    assert "| 75.0 ± 1.6 |" in zo and zo.endswith("| — |")
+    # README's sentence: only ZO-Act groups with three seeds or more, each method against it
+    line = budget_tables.longer_budget({"records": recs})
+    assert line == (" At 1,500 forwards with schedule cosine on rotten-tomatoes (3 seeds): ZO-Act 75.0 ± 1.6%, "
+                    "MeZO 71.0 ± 0.8% (-4.0 points, 3 seeds), random subspaces 75.0 ± 0.8% (+0.0 points, inside the "
+                    "spread, 3 seeds).")
+    assert budget_tables.longer_budget({"records": recs[:2] + recs[3:]}) == ""  # ZO-Act at two seeds: no sentence

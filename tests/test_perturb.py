@@ -215,3 +215,27 @@ def test_adam_efficiency_is_the_descent_of_a_normalised_zo_step():
     assert eta == pytest.approx(descent(scales) / descent({}), rel=0.02)
     assert 0.5 < eta < 0.99
     assert adam_efficiency(energies, {"a": torch.full((4,), 7.0), "b": torch.full((4,), 7.0)}) == pytest.approx(1.0)
+
+
+def test_top_column_share_is_column_zeros_part_of_a_querys_mean_square():
+    """E[p^2] = sum_j D_j^2 ||g_j||^2 for p = <g, Z D>; the share of it from each layer's column 0, checked by
+    Monte Carlo of p with only column 0 of g kept against p with all of g."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from diagnose_scaling import top_column_share
+
+    gen = torch.Generator().manual_seed(2)
+    g = {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+         "b": torch.randn(5, 4, generator=gen, dtype=torch.float64)}
+    scales = {"a": torch.tensor([0.5, 2.0, 5.0, 9.0], dtype=torch.float64), "b": None}
+    energies = {n: v.pow(2).sum(0) for n, v in g.items()}
+    Z = {n: torch.randn(200_000, *v.shape, generator=gen, dtype=torch.float64) for n, v in g.items()}
+
+    def mean_square(keep_top: bool) -> float:
+        p = 0
+        for n, v in g.items():
+            d = torch.ones(4, dtype=torch.float64) if scales[n] is None else scales[n]
+            v = v * d
+            p = p + (Z[n] * (v * (torch.arange(4) == 0) if keep_top else v)).sum((1, 2))
+        return float(p.pow(2).mean())
+
+    assert top_column_share(energies, scales) == pytest.approx(mean_square(True) / mean_square(False), rel=0.03)

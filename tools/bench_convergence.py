@@ -36,6 +36,7 @@ from pathlib import Path
 from zoact_edge.recipes.baselines import FORWARDS_PER_STEP as BASELINE_FORWARDS_PER_STEP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_format import settings_label  # noqa: E402
 from results_io import locked_update  # noqa: E402  (appends under a lock: runs side by side lose no record)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,7 +282,7 @@ def plot(data: dict, path: Path) -> None:
             for config in configs:
                 same = [r for r in recs if json.dumps(r["settings"], sort_keys=True) == config]
                 xs, ys, sd = zip(*mean_curve(same))
-                extra = "" if len(configs) == 1 else " " + ", ".join(f"{k} {v}" for k, v in json.loads(config).items())
+                extra = "" if len(configs) == 1 else " " + settings_label(json.loads(config))
                 ax.plot(xs, ys, marker="o", label=f"{method}{extra} (n={len(same)})")
                 ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
         prior = [r["val_accuracy"] for r in data["records"] if r["task"] == task and r["method"] in FIXED]

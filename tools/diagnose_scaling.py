@@ -52,27 +52,30 @@ from results_io import locked_update  # noqa: E402  (the lock + atomic write eve
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_scaling.json"
 
 
-def adam_efficiency(energies: dict[str, torch.Tensor], scales: dict[str, torch.Tensor | None]) -> float:
-    """eta(D): the expected descent of an Adam ZO step with column scales D against D = 1.
+def _sums(energies: dict[str, torch.Tensor], scales: dict[str, torch.Tensor | None]) -> dict[str, float]:
+    """Over every layer's columns j: sum D_j e_j, sum D_j^2 e_j, sum e_j and the top columns' D_0^2 e_0.
 
-    ``energies``: per layer, ||g_j||^2 for each column j of B; ``scales``: per layer, D (None: all ones)."""
-    dot = norm_d = total = 0.0
+    ``energies``: per layer, e_j = ||g_j||^2 for each column j of B; ``scales``: per layer, D (None: all ones)."""
+    out = dict.fromkeys(("d", "dd", "plain", "top"), 0.0)
     for name, e in energies.items():
         D = torch.ones_like(e) if scales.get(name) is None else scales[name].to(e)
-        dot += float((D * e).sum())
-        norm_d += float((D * D * e).sum())
-        total += float(e.sum())
-    return dot / math.sqrt(total * norm_d)
+        out["d"] += float((D * e).sum())
+        out["dd"] += float((D * D * e).sum())
+        out["plain"] += float(e.sum())
+        out["top"] += float(D[0] ** 2 * e[0])
+    return out
+
+
+def adam_efficiency(energies: dict[str, torch.Tensor], scales: dict[str, torch.Tensor | None]) -> float:
+    """eta(D): the expected descent of an Adam ZO step with column scales D against D = 1."""
+    s = _sums(energies, scales)
+    return s["d"] / math.sqrt(s["plain"] * s["dd"])
 
 
 def top_column_share(energies: dict[str, torch.Tensor], scales: dict[str, torch.Tensor | None]) -> float:
     """The share of what a query's p carries, E[<g, Z D>^2] = sum D_j^2 ||g_j||^2, that comes from column 0."""
-    top = every = 0.0
-    for name, e in energies.items():
-        D = torch.ones_like(e) if scales.get(name) is None else scales[name].to(e)
-        top += float(D[0] ** 2 * e[0])
-        every += float((D * D * e).sum())
-    return top / every
+    s = _sums(energies, scales)
+    return s["top"] / s["dd"]
 
 
 def scale_spread(scales: dict[str, torch.Tensor | None]) -> list[float]:

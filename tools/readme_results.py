@@ -10,7 +10,8 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
   README.md's one line on where ZO-Act stands;
 * ``docs/results/sweep.json``: its learning-rate sweep (validation split only);
 * ``docs/results/ablations.json``: the runs of ``tools/ablate.py``;
-* ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``;
+* ``docs/results/budget.json``: the 1,500-forward runs of ``bench_convergence.py run``, per run and pooled
+  over seeds (``budget_tables.py``), and README's sentence on them once ZO-Act has three seeds;
 * ``docs/results/diagnose_oracle.json``: ``tools/diagnose_oracle.py`` (B trained by backprop, or by
   exact one-query ZO), beside the comparison's runs of the same task and seed;
 * ``docs/results/diagnose_curvature.json``: ``tools/diagnose_curvature.py`` (gradient energy and
@@ -40,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
+from budget_tables import budget_means_table, budget_table, longer_budget  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
 from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_scaling import scaling_table  # noqa: E402
@@ -47,6 +49,7 @@ from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
 from record_runs import curve_table, default_run, order_table, paired_table, quickstart, runs_table  # noqa: E402
+from results_format import LABELS, REFERENCE, inside, mean_sd, settings_label, stats  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -54,6 +57,7 @@ CBEGIN, CEND = "<!-- convergence:begin -->", "<!-- convergence:end -->"
 SBEGIN, SEND = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 ABEGIN, AEND = "<!-- ablations:begin -->", "<!-- ablations:end -->"
 BBEGIN, BEND = "<!-- budget:begin -->", "<!-- budget:end -->"
+YBEGIN, YEND = "<!-- budget-means:begin -->", "<!-- budget-means:end -->"
 QBEGIN, QEND = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 PBEGIN, PEND = "<!-- standing:begin -->", "<!-- standing:end -->"
 OBEGIN, OEND = "<!-- oracle:begin -->", "<!-- oracle:end -->"
@@ -66,26 +70,6 @@ GBEGIN, GEND = "<!-- order:begin -->", "<!-- order:end -->"
 XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
 MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
 ZBEGIN, ZEND = "<!-- scaling:begin -->", "<!-- scaling:end -->"
-# How a method is named in the tables (every other method by its --method value).
-LABELS = {"calibrate": "calibrate (prior only)"}
-REFERENCE = "zoact"  # the comparison's "Δ vs" column is against this method
-
-
-def _stats(values) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
-def _ms(values) -> str:
-    st = _stats(values)
-    return "n/a" if st is None else f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
-
-
-def _inside(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """The two mean ± sd ranges overlap: a difference this size is inside the seed-to-seed spread."""
-    return abs(a[0] - b[0]) <= a[1] + b[1] + 1e-12
 
 
 def _methods(recs: list[dict]) -> list[str]:
@@ -110,7 +94,7 @@ def convergence_table(data: dict) -> str:
     for task in sorted({r["task"] for r in recs}):
         mezo = [r for r in recs if r["task"] == task and r["method"] == "mezo"]
         target = statistics.mean(r["val_accuracy"] for r in mezo) if mezo else None
-        ref = _stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == REFERENCE)
+        ref = stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == REFERENCE)
         for method in _methods(recs):
             rs = [r for r in recs if r["task"] == task and r["method"] == method]
             if not rs:
@@ -120,16 +104,16 @@ def convergence_table(data: dict) -> str:
                                  "keep only the runs at the sweep's choice")
             reach = forwards_to_reach(rs, target) if target is not None else None
             reach_txt = "n/a" if target is None else (f"{reach}" if reach is not None else f"> {rs[0]['forwards']}")
-            settings = _label(rs[0]["settings"])
-            mine = _stats(r["test_accuracy"] for r in rs)
+            settings = settings_label(rs[0]["settings"])
+            mine = stats(r["test_accuracy"] for r in rs)
             if method == REFERENCE or mine is None or ref is None:
                 delta = "—"
             else:
-                delta = f"{100 * (mine[0] - ref[0]):+.1f}" + (" (inside the spread)" if _inside(mine, ref) else "")
+                delta = f"{100 * (mine[0] - ref[0]):+.1f}" + (" (inside the spread)" if inside(mine, ref) else "")
             rows.append(
                 f"| {task} | {LABELS.get(method, method)} | {len(rs)} | {rs[0]['forwards']} "
-                f"| {_ms([r['test_accuracy'] for r in rs])} "
-                f"| {_ms([r['val_accuracy'] for r in rs])} | {reach_txt} "
+                f"| {mean_sd([r['test_accuracy'] for r in rs])} "
+                f"| {mean_sd([r['val_accuracy'] for r in rs])} | {reach_txt} "
                 f"| {statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} min "
                 f"| {statistics.mean(r['seconds_per_step'] for r in rs):.2f} | {settings} | {delta} |"
             )
@@ -164,21 +148,23 @@ def _why(recs: list[dict], oracle: dict | None, basis: dict | None, curv: dict |
                    f"and one two-point query gains about as much in any of the three spaces.")
 
 
-def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, curv: dict | None = None) -> str:
+def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, curv: dict | None = None,
+             long_runs: dict | None = None) -> str:
     """README's one line: ZO-Act's test accuracy against MeZO and backprop LoRA, per task, and a verdict
-    that follows from the numbers (a difference inside the mean ± sd spread is not a win)."""
+    that follows from the numbers (a difference inside the mean ± sd spread is not a win); then, from
+    ``long_runs`` (budget.json), a sentence per longer budget where ZO-Act has three seeds."""
     recs = data.get("records", [])
     parts, beats, lora_gap = [], [], []
     for task in sorted({r["task"] for r in recs}):
-        st = {m: _stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == m)
+        st = {m: stats(r["test_accuracy"] for r in recs if r["task"] == task and r["method"] == m)
               for m in (REFERENCE, "mezo", "fo-lora", "calibrate")}
         z, mz, fo, cal = st[REFERENCE], st["mezo"], st["fo-lora"], st["calibrate"]
         if z is None or mz is None:
             continue
         text = f"{task}: ZO-Act {100 * z[0]:.1f} ± {100 * z[1]:.1f}%, MeZO {100 * mz[0]:.1f} ± {100 * mz[1]:.1f}%"
-        if _inside(z, mz):
+        if inside(z, mz):
             text += " (inside the spread)"
-        beats.append(z[0] > mz[0] and not _inside(z, mz))
+        beats.append(z[0] > mz[0] and not inside(z, mz))
         if fo is not None:
             text += f", backprop LoRA {100 * fo[0]:.1f} ± {100 * fo[1]:.1f}%"
             lora_gap.append(100 * (fo[0] - z[0]))
@@ -195,17 +181,10 @@ def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, 
             f"(test accuracy, mean ± sd over {'/'.join(map(str, seeds))} seeds): " + "; ".join(parts) + ".")
     if lora_gap:
         line += f" Backprop LoRA is ahead by {' and '.join(f'{g:.1f}' for g in lora_gap)} points."
+    line += longer_budget(long_runs)
     line += _why(recs, oracle, basis, curv)
     line += " Details: [docs/results.md](docs/results.md)."
     return "\n".join(textwrap.wrap(line, 110, break_on_hyphens=False))
-
-
-def _value(v) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-
-
-def _label(settings: dict) -> str:
-    return ", ".join(f"{k} {_value(v)}" for k, v in settings.items())
 
 
 def sweep_table(data: dict) -> str:
@@ -230,7 +209,7 @@ def sweep_table(data: dict) -> str:
             if not rs:
                 continue
             if any("lr" not in r["settings"] for r in rs):  # no learning rate (calibrate): one cell per run
-                cells = "; ".join(cell(r, _label(r["settings"]) or "default") for r in rs)
+                cells = "; ".join(cell(r, settings_label(r["settings"]) or "default") for r in rs)
                 rows.append(f"| {task} | {LABELS.get(method, method)} | {rs[0]['forwards']} | {cells} | — |")
                 continue
             lr_stage = sorted((r for r in rs if r["settings"].get("eps", LR_STAGE_EPS) == LR_STAGE_EPS),
@@ -239,7 +218,7 @@ def sweep_table(data: dict) -> str:
             eps_stage = sorted((r for r in rs if "eps" in r["settings"] and r["settings"]["lr"] in eps_lrs),
                                key=lambda r: (r["settings"]["lr"], r["settings"]["eps"]))
             lr_cells = "; ".join(cell(r, "lr %g" % r["settings"]["lr"]) for r in lr_stage)
-            eps_cells = "; ".join(cell(r, _label(r["settings"])) for r in eps_stage)
+            eps_cells = "; ".join(cell(r, settings_label(r["settings"])) for r in eps_stage)
             rows.append(f"| {task} | {LABELS.get(method, method)} | {rs[0]['forwards']} | {lr_cells} "
                         f"| {eps_cells or '—'} |")
     return "\n".join(rows)
@@ -253,23 +232,8 @@ def ablation_table(data: dict) -> str:
         points = [(f, a) for f, a in r["curve"] if f > 0]
         accs = " / ".join(f"{a:.3f}" for _, a in points)
         at = " / ".join(str(f) for f, _ in points)
-        rows.append(f"| {r['task']} | {r.get('name', '')} | {r['seed']} | {r['method']}: {_label(r['settings'])} "
-                    f"| {accs} (at {at}) | {r['val_loss']:.3f} |")
-    return "\n".join(rows)
-
-
-def budget_table(data: dict) -> str:
-    """One row per long-budget run (``bench_convergence.py run --budget 1500``): the validation curve and
-    the sealed test accuracy read once at the end."""
-    rows = ["| task | method | seed | settings | val acc. at forwards | final val loss | test acc. (%) |",
-            "|---|---|---|---|---|---|---|"]
-    for r in sorted(data.get("records", []), key=lambda r: (r["task"], r["forwards"], r["method"], r["seed"])):
-        points = [(f, a) for f, a in r["curve"] if f > 0]
-        accs = " / ".join(f"{a:.3f}" for _, a in points)
-        at = " / ".join(str(f) for f, _ in points)
-        test = "n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}"
-        rows.append(f"| {r['task']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} | {_label(r['settings'])} "
-                    f"| {accs} (at {at}) | {r['val_loss']:.3f} | {test} |")
+        rows.append(f"| {r['task']} | {r.get('name', '')} | {r['seed']} "
+                    f"| {r['method']}: {settings_label(r['settings'])} | {accs} (at {at}) | {r['val_loss']:.3f} |")
     return "\n".join(rows)
 
 
@@ -299,7 +263,7 @@ def oracle_table(oracle: dict, conv: dict | None) -> str:
             rows.append(f"| {task} | {seed} | {how} | {r['forwards']} | {r['val_accuracy']:.3f} | "
                         f"{r['val_loss']:.3f} | {vs_prior(r['val_loss'])} |")
         for r in sorted(same, key=lambda r: METHODS.index(r["method"]) if r["method"] in METHODS else 99):
-            rows.append(f"| {task} | {seed} | `tune --method {r['method']}` ({_label(r['settings'])}) | "
+            rows.append(f"| {task} | {seed} | `tune --method {r['method']}` ({settings_label(r['settings'])}) | "
                         f"{r['forwards']} | {r['val_accuracy']:.3f} | {r['val_loss']:.3f} | "
                         f"{vs_prior(r['val_loss'])} |")
     return "\n".join(rows)
@@ -326,7 +290,7 @@ def main() -> None:
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])
-        + ([(BBEGIN, BEND, budget_table(budget))] if budget else [])
+        + ([(BBEGIN, BEND, budget_table(budget)), (YBEGIN, YEND, budget_means_table(budget))] if budget else [])
         + ([(OBEGIN, OEND, oracle_table(oracle, conv))] if oracle else [])
         + ([(KBEGIN, KEND, curvature_table(curv))] if curv else [])
         + ([(ZBEGIN, ZEND, scaling_table(scl))] if (scl := _load("diagnose_scaling.json")) else [])
@@ -336,7 +300,7 @@ def main() -> None:
         + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else [])
         + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
-        + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv))] if conv else []),
+        + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv, budget))] if conv else []),
     }
     for path, parts in blocks.items():
         old = path.read_text()
