@@ -498,6 +498,22 @@ def test_comparison_runs_in_another_batch_order_are_not_reused():
     assert bench_convergence._same_scale({**old, "batch_order": "length"}, length)
 
 
+def test_probe_streams_refuses_a_second_derived_stream_it_would_reseed_with_the_directions(monkeypatch):
+    import probe_streams
+
+    from zoact_edge.recipes import harness
+    from zoact_edge.recipes import zoact as recipe
+    from zoact_edge.seeds import derive_seed
+
+    for module, attr in ((recipe, "sampled_batches"), (recipe, "build_adapters"), (harness, "batch_indices"),
+                         (recipe, "derive_seed")):
+        monkeypatch.setattr(module, attr, getattr(module, attr))  # restored after the test
+    probe_streams.install({"calibration": None, "batches": None, "directions": 5})
+    assert recipe.derive_seed(0, 7) == derive_seed(5, 7)  # the step seed: reseeded
+    with pytest.raises(SystemExit, match="its own entry"):
+        recipe.derive_seed(0, "dropout", 7)
+
+
 def test_probe_streams_with_every_stream_reseeded_is_the_run_of_that_seed(model_dirs, tmp_path, monkeypatch):
     """Calibration, batches and directions all from seed 1 must be ``tune --seed 1`` loss for loss; one stream
     alone from seed 1 must be neither run (so each stream reaches the run, and nothing else reseeds it)."""

@@ -52,6 +52,9 @@ def install(seeds: dict) -> None:
         return indices(step, batch_size, n, _pick(seeds["batches"], seed), lengths)
 
     def directions(seed, *parts):  # the recipe's only derive_seed call: the step seed of the ZO directions
+        if len(parts) != 1 or not isinstance(parts[0], int):  # another stream would be reseeded with this one
+            raise SystemExit(f"probe_streams: recipes/zoact.py derives a seed from {parts!r}, not from a step alone; "
+                             "give that stream its own entry in STREAMS before probing")
         return derive(_pick(seeds["directions"], seed), *parts)
 
     recipe.sampled_batches, recipe.build_adapters, recipe.derive_seed = calibration, bases, directions
