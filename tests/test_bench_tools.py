@@ -639,7 +639,26 @@ def test_budget_means_pool_seeds_and_compare_with_zoact_under_the_same_options()
     assert "| 75.0 ± 1.6 |" in zo and zo.endswith("| — |")
     # README's sentence: only ZO-Act groups with three seeds or more, each method against it
     line = budget_tables.longer_budget({"records": recs})
-    assert line == (" At 1,500 forwards with schedule cosine on rotten-tomatoes (3 seeds): ZO-Act 75.0 ± 1.6%, "
+    assert line == (" At 1,500 forwards with `--schedule cosine` on rotten-tomatoes (3 seeds): ZO-Act 75.0 ± 1.6%, "
                     "MeZO 71.0 ± 0.8% (-4.0 points, 3 seeds), random subspaces 75.0 ± 0.8% (+0.0 points, inside the "
                     "spread, 3 seeds).")
     assert budget_tables.longer_budget({"records": recs[:2] + recs[3:]}) == ""  # ZO-Act at two seeds: no sentence
+
+
+def test_plot_command_draws_one_curve_per_configuration_and_refuses_a_missing_file(tmp_path, capsys):
+    def rec(method, seed, settings):
+        return {"task": "rotten-tomatoes", "method": method, "seed": seed, "forwards": 8, "settings": settings,
+                "curve": [[0, 0.5], [4, 0.6 + seed / 100], [8, 0.7]], "val_accuracy": 0.7}
+
+    data = {"records": [rec("zoact", s, {"lr": 1e-3}) for s in (0, 1)]
+            + [rec("zoact", 0, {"lr": 1e-3, "schedule": "cosine"}), rec("mezo", 0, {"lr": 1e-4})]}
+    src = tmp_path / "long.json"
+    src.write_text(json.dumps(data))
+    bench_convergence.main(["plot", str(src)])
+    png = tmp_path / "long.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "long.json", "long.png"]  # no temp file left beside it
+    labels = bench_convergence.plot(data, tmp_path / "again.png")
+    assert sorted(labels) == ["mezo (n=1)", "zoact lr 0.001 (n=2)", "zoact lr 0.001, schedule cosine (n=1)"]
+    with pytest.raises(SystemExit, match="no results file"):
+        bench_convergence.main(["plot", str(tmp_path / "missing.json")])

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from zoact_edge.paths import atomic_save_file
 from zoact_edge.recipes.baselines import FORWARDS_PER_STEP as BASELINE_FORWARDS_PER_STEP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -264,7 +265,9 @@ def mean_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return out
 
 
-def plot(data: dict, path: Path) -> None:
+def plot(data: dict, path: Path) -> list[str]:
+    """Draw the mean validation curve ± sd of each task's configurations to ``path`` (PNG, written atomically);
+    returns the legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,8 +275,8 @@ def plot(data: dict, path: Path) -> None:
 
     tasks = sorted({r["task"] for r in data["records"]})
     if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(9 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             recs = [r for r in data["records"] if r["task"] == task and r["method"] == method]
@@ -293,9 +296,12 @@ def plot(data: dict, path: Path) -> None:
         ax.set_xlabel("forward passes (backward = 2)")
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not on them
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # the legend beside the axes included; format named: the temp file's name does not end in .png
+    atomic_save_file(lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), path)
+    plt.close(fig)
+    return [line.get_label() for ax in axes[0] for line in ax.get_lines()]
 
 
 def main(argv=None) -> None:
@@ -332,7 +338,18 @@ def main(argv=None) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a tune option on top of the chosen settings (repeatable), e.g. --set rank=1: "
                         "recorded in the run's settings")
+    d = sub.add_parser("plot", help="draw a results file's curves again (e.g. after merging records), run nothing")
+    d.add_argument("results", help="a results file of `run`, e.g. docs/results/budget.json")
+    d.add_argument("--plot", default=None, help="the picture (default: the results file with .png)")
     args = p.parse_args(argv)
+    if args.cmd == "plot":
+        src = Path(args.results)
+        if not src.is_file():
+            sys.exit(f"bench_convergence plot: no results file {src}")
+        out = Path(args.plot) if args.plot else src.with_suffix(".png")
+        plot(json.loads(src.read_text()), out)
+        print(f"wrote {out}")
+        return
     sweep(args) if args.cmd == "sweep" else run(args)
 
 

@@ -77,14 +77,15 @@ def longer_budget(budget: dict | None, min_seeds: int = 3) -> str:
     out = []
     for ref in [g for g in groups if g["method"] == REFERENCE and len(g["runs"]) >= min_seeds]:
         z = stats(r["test_accuracy"] for r in ref["runs"])
-        opts = settings_label({k: v for k, v in ref["runs"][0]["settings"].items() if k not in ("lr", "eps")})
+        opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ref["runs"][0]["settings"].items()
+                        if k not in ("lr", "eps"))  # as tune options: `--schedule cosine`
         others = []
         for g in groups:
             if g["ref"] is ref and g is not ref and (vs := _vs_ref(g)) is not None:
                 name = PROSE.get(g["method"], g["method"])
                 others.append(f"{name} {mean_sd([r['test_accuracy'] for r in g['runs']])}% ({vs[0]:+.1f} points"
                               f"{', inside the spread' if vs[1] else ''}, {len(g['runs'])} seeds)")
-        out.append(f" At {ref['forwards']:,} forwards{' with ' + opts if opts else ''} on {ref['task']} "
+        out.append(f" At {ref['forwards']:,} forwards{f' with `{opts}`' if opts else ''} on {ref['task']} "
                    f"({len(ref['runs'])} seeds): ZO-Act {100 * z[0]:.1f} ± {100 * z[1]:.1f}%"
                    + (", " + ", ".join(others) if others else "") + ".")
     return "".join(out)
