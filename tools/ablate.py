@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import RESULTS, run_one  # noqa: E402  (the harness' run, not a copy)
+from results_format import curve_cell, settings_label  # noqa: E402
 from results_io import locked_update  # noqa: E402
 
 PATH = RESULTS / "ablations.json"
@@ -112,19 +113,13 @@ def ablate(args) -> None:
               f"({rec['wall_seconds']:.0f} s)", flush=True)
 
 
-def table(path: Path) -> str:
-    """The records as a markdown table: validation accuracy at each evaluation, final loss."""
-    rows = [
-        "| task | run | seed | method, settings | val acc. at forwards | final val loss |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in json.loads(path.read_text())["records"]:
-        points = [(f, a) for f, a in r["curve"] if f > 0]
-        points = [p for i, p in enumerate(points) if i == len(points) - 1 or p[0] != points[-1][0]]
-        curve = " / ".join(f"{a:.3f}" for _, a in points) + f" (at {' / '.join(str(f) for f, _ in points)})"
-        settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-        rows.append(f"| {r['task']} | {r['name']} | {r['seed']} | {r['method']}: {settings} | {curve} | "
-                    f"{r['val_loss']:.3f} |")
+def ablation_table(data: dict) -> str:
+    """One row per run, in the order they ran (docs/results.md and ``--table``)."""
+    rows = ["| task | run | seed | method, settings | val acc. at forwards | final val loss |",
+            "|---|---|---|---|---|---|"]
+    for r in data.get("records", []):
+        rows.append(f"| {r['task']} | {r.get('name', '')} | {r['seed']} | {r['method']}: "
+                    f"{settings_label(r['settings'])} | {curve_cell(r['curve'])} | {r['val_loss']:.3f} |")
     return "\n".join(rows)
 
 
@@ -150,7 +145,7 @@ def main(argv=None) -> None:
         for name, (method, settings) in RUNS.items():
             print(f"{name}: {method} {settings}")
     elif args.table:
-        print(table(Path(args.output)))
+        print(ablation_table(json.loads(Path(args.output).read_text())))
     else:
         unknown = [n for n in args.runs.split(",") if n not in RUNS]
         if unknown:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from results_format import LABELS, PROSE, REFERENCE, inside, mean_sd, settings_label, stats
+from results_format import LABELS, PROSE, REFERENCE, curve_cell, inside, mean_sd, settings_label, stats, tune_flags
 
 
 def budget_table(data: dict) -> str:
@@ -15,13 +15,15 @@ def budget_table(data: dict) -> str:
     rows = ["| task | method | seed | settings | val acc. at forwards | final val loss | test acc. (%) |",
             "|---|---|---|---|---|---|---|"]
     for r in sorted(data.get("records", []), key=lambda r: (r["task"], r["forwards"], r["method"], r["seed"])):
-        points = [(f, a) for f, a in r["curve"] if f > 0]
-        accs = " / ".join(f"{a:.3f}" for _, a in points)
-        at = " / ".join(str(f) for f, _ in points)
         test = "n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}"
         rows.append(f"| {r['task']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} "
-                    f"| {settings_label(r['settings'])} | {accs} (at {at}) | {r['val_loss']:.3f} | {test} |")
+                    f"| {settings_label(r['settings'])} | {curve_cell(r['curve'])} | {r['val_loss']:.3f} | {test} |")
     return "\n".join(rows)
+
+
+def beyond_lr_eps(settings: dict) -> dict:
+    """A run's settings besides the swept lr and eps (e.g. the schedule): what makes two methods' runs comparable."""
+    return {k: v for k, v in settings.items() if k not in ("lr", "eps")}
 
 
 def budget_groups(data: dict) -> list[dict]:
@@ -29,7 +31,7 @@ def budget_groups(data: dict) -> list[dict]:
     one seed, each with ``ref``, ZO-Act's group run with the same options besides lr and eps (e.g. the same
     schedule; None when there is not exactly one), in a fixed order."""
     def options(r: dict) -> str:
-        return json.dumps({k: v for k, v in r["settings"].items() if k not in ("lr", "eps")}, sort_keys=True)
+        return json.dumps(beyond_lr_eps(r["settings"]), sort_keys=True)
 
     pooled: dict[tuple, list[dict]] = {}
     for r in data.get("records", []):
@@ -76,9 +78,7 @@ def longer_budget(budget: dict | None, min_seeds: int = 3) -> str:
     groups = budget_groups(budget) if budget else []
     out = []
     for ref in [g for g in groups if g["method"] == REFERENCE and len(g["runs"]) >= min_seeds]:
-        z = stats(r["test_accuracy"] for r in ref["runs"])
-        opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ref["runs"][0]["settings"].items()
-                        if k not in ("lr", "eps"))  # as tune options: `--schedule cosine`
+        opts = tune_flags(beyond_lr_eps(ref["runs"][0]["settings"]))
         others = []
         for g in groups:
             if g["ref"] is ref and g is not ref and (vs := _vs_ref(g)) is not None:
@@ -86,6 +86,6 @@ def longer_budget(budget: dict | None, min_seeds: int = 3) -> str:
                 others.append(f"{name} {mean_sd([r['test_accuracy'] for r in g['runs']])}% ({vs[0]:+.1f} points"
                               f"{', inside the spread' if vs[1] else ''}, {len(g['runs'])} seeds)")
         out.append(f" At {ref['forwards']:,} forwards{f' with `{opts}`' if opts else ''} on {ref['task']} "
-                   f"({len(ref['runs'])} seeds): ZO-Act {100 * z[0]:.1f} ± {100 * z[1]:.1f}%"
+                   f"({len(ref['runs'])} seeds): ZO-Act {mean_sd([r['test_accuracy'] for r in ref['runs']])}%"
                    + (", " + ", ".join(others) if others else "") + ".")
     return "".join(out)

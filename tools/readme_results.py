@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from ablate import ablation_table  # noqa: E402
 from bench_convergence import LR_STAGE_EPS, METHODS, best_settings, mean_curve  # noqa: E402
 from budget_tables import budget_means_table, budget_table, longer_budget  # noqa: E402
 from diagnose_curvature import curvature_table, per_curvature  # noqa: E402
@@ -221,19 +222,6 @@ def sweep_table(data: dict) -> str:
             eps_cells = "; ".join(cell(r, settings_label(r["settings"])) for r in eps_stage)
             rows.append(f"| {task} | {LABELS.get(method, method)} | {rs[0]['forwards']} | {lr_cells} "
                         f"| {eps_cells or '—'} |")
-    return "\n".join(rows)
-
-
-def ablation_table(data: dict) -> str:
-    """One row per run of ``tools/ablate.py``, in the order they ran."""
-    rows = ["| task | run | seed | method, settings | val acc. at forwards | final val loss |",
-            "|---|---|---|---|---|---|"]
-    for r in data.get("records", []):
-        points = [(f, a) for f, a in r["curve"] if f > 0]
-        accs = " / ".join(f"{a:.3f}" for _, a in points)
-        at = " / ".join(str(f) for f, _ in points)
-        rows.append(f"| {r['task']} | {r.get('name', '')} | {r['seed']} "
-                    f"| {r['method']}: {settings_label(r['settings'])} | {accs} (at {at}) | {r['val_loss']:.3f} |")
     return "\n".join(rows)
 
 

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_format import tune_flags  # noqa: E402
 from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
 
 from zoact_edge.config import TuneConfig  # noqa: E402
@@ -39,12 +40,7 @@ WHERE = ("output", "overwrite", "model_folder")  # where a run was written, not 
 
 def command(options: dict) -> str:
     """The ``zoact-edge tune`` command line of these options (each differing from its default)."""
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        shown = f"{value:g}" if isinstance(value, float) else value
-        flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {shown}")
-    return " ".join(["zoact-edge tune", *flags])
+    return " ".join(["zoact-edge tune", tune_flags(options)]).strip()
 
 
 def record(run: Path, note: str) -> dict:

@@ -1,5 +1,7 @@
 """How the results tables say a number: a mean ± sd over seeds, whether a difference is inside the seed-to-seed
-spread, and a run's settings. Shared by ``readme_results.py`` and the pictures of ``bench_convergence.py``."""
+spread, a validation curve, and a run's settings (as words or as ``tune`` options). Shared by the tools that
+write tables (``readme_results.py``, ``budget_tables.py``, ``ablate.py``, ``record_runs.py``) and the pictures of
+``bench_convergence.py``."""
 
 from __future__ import annotations
 
@@ -39,3 +41,20 @@ def _value(v) -> str:
 def settings_label(settings: dict) -> str:
     """A run's settings as 'lr 0.001, eps 0.001, schedule cosine' (numbers in their shortest form)."""
     return ", ".join(f"{k} {_value(v)}" for k, v in settings.items())
+
+
+def tune_flags(options: dict) -> str:
+    """Options as ``zoact-edge tune`` flags: '--schedule cosine --lr 0.001'; True/False as --x / --no-x."""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        shown = f"{value:g}" if isinstance(value, float) else value
+        flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {shown}")
+    return " ".join(flags)
+
+
+def curve_cell(curve) -> str:
+    """A validation curve of ``[forwards, accuracy]`` points, the zero-shot one left out: '0.700 / 0.745 (at 750 /
+    1500)'."""
+    points = [(f, a) for f, a in curve if f > 0]
+    return " / ".join(f"{a:.3f}" for _, a in points) + f" (at {' / '.join(str(f) for f, _ in points)})"
