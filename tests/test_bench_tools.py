@@ -662,3 +662,26 @@ def test_plot_command_draws_one_curve_per_configuration_and_refuses_a_missing_fi
     assert sorted(labels) == ["mezo (n=1)", "zoact lr 0.001 (n=2)", "zoact lr 0.001, schedule cosine (n=1)"]
     with pytest.raises(SystemExit, match="no results file"):
         bench_convergence.main(["plot", str(tmp_path / "missing.json")])
+
+
+def test_standing_says_the_verdict_from_the_spread_and_never_splits_a_mean_from_its_sd():
+    def rec(task, method, seed, test):
+        return {"task": task, "method": method, "seed": seed, "forwards": 300, "test_accuracy": test}
+
+    recs = ([rec("rotten-tomatoes", "zoact", s, t) for s, t in [(0, 0.70), (1, 0.72), (2, 0.74)]]
+            + [rec("rotten-tomatoes", "mezo", s, t) for s, t in [(0, 0.60), (1, 0.61), (2, 0.62)]]
+            + [rec("tweets", "zoact", s, t) for s, t in [(0, 0.43), (1, 0.44), (2, 0.42)]]
+            + [rec("tweets", "mezo", s, t) for s, t in [(0, 0.42), (1, 0.43), (2, 0.44)]])
+    text = readme_results.standing({"records": recs})
+    flat = " ".join(text.splitlines())
+    # by hand (population sd): 72.0 ± 1.6 vs 61.0 ± 0.8 apart; tweets 43.0 ± 0.8 twice, inside
+    assert "beats MeZO on some tasks only" in flat
+    assert "rotten-tomatoes: ZO-Act 72.0 ± 1.6%, MeZO 61.0 ± 0.8%;" in flat
+    assert "tweets: ZO-Act 43.0 ± 0.8%, MeZO 43.0 ± 0.8% (inside the spread)" in flat
+    lines = text.splitlines()
+    assert len(lines) > 1 and all(len(row) <= 110 for row in lines)
+    assert not any(row.endswith("±") or row.startswith("±") or "\0" in row for row in lines)
+    # every width puts the break somewhere else; none lands inside "x ± y%"
+    for pad in range(40):
+        rows = readme_results.standing({"records": [{**r, "task": "t" * pad + r["task"]} for r in recs]}).splitlines()
+        assert not any(row.endswith("±") or row.startswith("±") or row.endswith(" ") for row in rows)

@@ -50,7 +50,7 @@ from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
 from record_runs import curve_table, default_run, order_table, paired_table, quickstart, runs_table  # noqa: E402
-from results_format import LABELS, REFERENCE, inside, mean_sd, settings_label, stats  # noqa: E402
+from results_format import LABELS, REFERENCE, inside, mean_sd, pm, settings_label, stats  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -162,15 +162,15 @@ def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, 
         z, mz, fo, cal = st[REFERENCE], st["mezo"], st["fo-lora"], st["calibrate"]
         if z is None or mz is None:
             continue
-        text = f"{task}: ZO-Act {100 * z[0]:.1f} ± {100 * z[1]:.1f}%, MeZO {100 * mz[0]:.1f} ± {100 * mz[1]:.1f}%"
+        text = f"{task}: ZO-Act {pm(z)}%, MeZO {pm(mz)}%"
         if inside(z, mz):
             text += " (inside the spread)"
         beats.append(z[0] > mz[0] and not inside(z, mz))
         if fo is not None:
-            text += f", backprop LoRA {100 * fo[0]:.1f} ± {100 * fo[1]:.1f}%"
+            text += f", backprop LoRA {pm(fo)}%"
             lora_gap.append(100 * (fo[0] - z[0]))
         if cal is not None:
-            text += f", prior-only calibrate {100 * cal[0]:.1f} ± {100 * cal[1]:.1f}%"
+            text += f", prior-only calibrate {pm(cal)}%"
         parts.append(text)
     if not parts:
         return "No method comparison is committed yet ([docs/results.md](docs/results.md))."
@@ -185,7 +185,9 @@ def standing(data: dict, oracle: dict | None = None, basis: dict | None = None, 
     line += longer_budget(long_runs)
     line += _why(recs, oracle, basis, curv)
     line += " Details: [docs/results.md](docs/results.md)."
-    return "\n".join(textwrap.wrap(line, 110, break_on_hyphens=False))
+    # "76.3 ± 0.9%" stays on one line: the wrap sees the spaces around ± as part of the word
+    glued = textwrap.wrap(line.replace(" ± ", "\0±\0"), 110, break_on_hyphens=False)
+    return "\n".join(row.replace("\0", " ") for row in glued)
 
 
 def sweep_table(data: dict) -> str:

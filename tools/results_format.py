@@ -23,10 +23,14 @@ def stats(values) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
+def pm(st: tuple[float, float] | None) -> str:
+    """A :func:`stats` pair of fractions as percent, 'mean ± sd'; 'n/a' for None."""
+    return "n/a" if st is None else f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
+
+
 def mean_sd(values) -> str:
     """Accuracies (fractions) as percent, 'mean ± sd'; 'n/a' when there are none."""
-    st = stats(values)
-    return "n/a" if st is None else f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
+    return pm(stats(values))
 
 
 def inside(a: tuple[float, float], b: tuple[float, float]) -> bool:
