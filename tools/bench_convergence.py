@@ -347,7 +347,7 @@ def main(argv=None) -> None:
         if not src.is_file():
             sys.exit(f"bench_convergence plot: no results file {src}")
         out = Path(args.plot) if args.plot else src.with_suffix(".png")
-        plot(json.loads(src.read_text()), out)
+        plot(_load(src), out)
         print(f"wrote {out}")
         return
     sweep(args) if args.cmd == "sweep" else run(args)
