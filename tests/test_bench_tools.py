@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_convergence  # noqa: E402
 import budget_tables  # noqa: E402
 import readme_results  # noqa: E402
+import repro_default  # noqa: E402
 
 
 def test_convergence_runs_every_method_at_the_same_forward_budget(model_dirs, tmp_path):
@@ -685,3 +686,20 @@ def test_standing_says_the_verdict_from_the_spread_and_never_splits_a_mean_from_
     for pad in range(40):
         rows = readme_results.standing({"records": [{**r, "task": "t" * pad + r["task"]} for r in recs]}).splitlines()
         assert not any(row.endswith("±") or row.startswith("±") or row.endswith(" ") for row in rows)
+
+
+def test_repro_default_runs_tune_in_fresh_processes_at_each_thread_count(model_dirs, tmp_path, monkeypatch):
+    """Each run is its own process at its own torch thread count; two runs at one count are bit-identical."""
+    monkeypatch.setattr(repro_default, "PATH", tmp_path / "repro.json")
+    tiny = ["--model", str(model_dirs["llama"]), "--steps", "3", "--batch-size", "4", "--calib-samples", "8",
+            "--rank", "4", "--eval-samples", "16", "--max-length", "24"]
+    repro_default.main(["--threads", "1", "--repeats", "2", "--", *tiny])
+    repro_default.main(["--threads", "2", "--", *tiny])
+    records = json.loads((tmp_path / "repro.json").read_text())["records"]
+    assert [(r["threads"], r["environment"]["torch_threads"]) for r in records] == [(1, 1), (1, 1), (2, 2)]
+    assert records[0]["tuned"] == records[1]["tuned"] and records[0]["zero_shot"] == records[1]["zero_shot"]
+    assert records[0]["tuned"]["loss"] != records[0]["zero_shot"]["loss"]  # it trained
+    table = repro_default.repro_table({"records": records}).splitlines()
+    assert len(table) == 2 + 3 and all(repr(r["tuned"]["loss"]) in row for r, row in zip(records, table[2:]))
+    with pytest.raises(SystemExit):
+        repro_default.main(["--", *tiny, "--output", str(tmp_path / "x")])

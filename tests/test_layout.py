@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zoact_edge"
 
 # Lowest first. A module may import from its own layer or any layer below it, never from one above.
 LAYERS = [
-    {"errors", "paths", "memory", "seeds"},  # the ground: no zoact_edge imports but each other
+    {"errors", "paths", "memory", "seeds", "environment"},  # the ground: no zoact_edge imports but each other
     {"config"},  # every command's options and the rules between them
     {"models", "rundir", "data"},  # the frozen model, run folders, examples -> batches -> loss
     {"adapters"},  # targets, the layer, bases, build_adapters, adapter files

@@ -1,6 +1,8 @@
 """The baselines of ``tune --method``: MeZO, random subspace and LoRA + backprop, in the same harness."""
 
+import importlib.metadata as md
 import json
+import platform
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from zoact_edge.adapters.layer import noise_like
 from zoact_edge.adapters.subspace import fold_and_resample, input_groups, random_bases, random_basis
 from zoact_edge.cli import main
 from zoact_edge.data.tasks import ClassificationTask, hidden_states
+from zoact_edge.environment import PACKAGES, package_versions
 from zoact_edge.zo.baselines import add_lora, backprop_step, mezo_params, mezo_step
 from zoact_edge.zo.estimator import derive_seed, estimate, layer_seed
 
@@ -160,6 +163,29 @@ def test_forward_accounting(model_dirs, tmp_path, monkeypatch, method, per_step,
     assert len(calls) == 4 * loss_calls_per_step and set(calls) == {4}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["forwards"] == 4 * per_step
+
+
+@pytest.mark.parametrize("method", ["zoact", "mezo", "calibrate"])
+def test_summary_records_the_thread_count_and_package_versions(model_dirs, tmp_path, method):
+    """Every method's summary.json says what its numbers depend on: the CPU kernels, torch's thread count as
+    the run set it and the installed versions (read here from the package metadata); a package that is not
+    installed reads null."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / method
+        assert _run(["tune", "--model", model_dirs["llama"], "--method", method, "--steps", 2, "--output", out,
+                     *FAST]) == 0
+    finally:
+        torch.set_num_threads(before)
+    env = json.loads((out / "summary.json").read_text())["environment"]
+    assert env["torch_threads"] == 1 and env["python"] == platform.python_version()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["packages"]["torch"] == md.version("torch") == torch.__version__
+    for name in ("transformers", "peft", "numpy"):
+        assert env["packages"][name] == md.version(name)
+    assert set(env["packages"]) == set(PACKAGES)
+    assert package_versions(("zoact-edge-no-such-package",)) == {"zoact-edge-no-such-package": None}
 
 
 def test_fo_lora_fits_a_toy_task(tokenizer):

@@ -24,7 +24,9 @@ Usage: python tools/readme_results.py            # rewrites the blocks between t
 * ``docs/results/diagnose_transfer.json``: ``tools/diagnose_transfer.py`` (each precision's tuned adapter
   on the other's frozen weights);
 * ``docs/results/diagnose_rounding.json``: ``tools/diagnose_rounding.py`` (the 4-bit rounding undone in
-  subspaces of growing width).
+  subspaces of growing width);
+* ``docs/results/reproducibility.json``: ``tools/repro_default.py`` (the default command again, at each torch
+  thread count), beside the default run.
 
 So neither page carries a result typed by hand. A second run changes nothing.
 """
@@ -50,6 +52,7 @@ from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
 from record_runs import curve_table, default_run, order_table, paired_table, quickstart, runs_table  # noqa: E402
+from repro_default import repro_table  # noqa: E402
 from results_format import LABELS, REFERENCE, inside, mean_sd, pm, settings_label, stats  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
@@ -71,6 +74,7 @@ GBEGIN, GEND = "<!-- order:begin -->", "<!-- order:end -->"
 XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
 MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
 ZBEGIN, ZEND = "<!-- scaling:begin -->", "<!-- scaling:end -->"
+HBEGIN, HEND = "<!-- repro:begin -->", "<!-- repro:end -->"
 
 
 def _methods(recs: list[dict]) -> list[str]:
@@ -288,7 +292,9 @@ def main() -> None:
         + ([(XBEGIN, XEND, streams_table(mix, default_run))] if (mix := _load("probe_streams.json")) else [])
         + ([(TBEGIN, TEND, transfer_table(moved))] if (moved := _load("diagnose_transfer.json")) else [])
         + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else [])
-        + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else []),
+        + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else [])
+        + ([(HBEGIN, HEND, repro_table(rep, _load("default-fp32.json")))] if (rep := _load("reproducibility.json"))
+           else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv, budget))] if conv else []),
     }

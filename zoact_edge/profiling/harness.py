@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from ..config import PROFILE_METHODS as METHODS
 from ..config import QUANTIZED_BITS, ProfileSpec
+from ..environment import environment
 from ..errors import UserError
 from ..models import resolve_device
 
@@ -132,16 +132,8 @@ def profile(spec: ProfileSpec, methods: list[str], budget: int | None = None, pr
 
 
 def _environment(spec: ProfileSpec) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "transformers", "bitsandbytes", "peft"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "packages": versions, "child_env": dict(spec.env),
+    """This process's software and machine, the environment every method's process adds and the allocator."""
+    return {**environment(), "child_env": dict(spec.env),
             "allocator": "glibc defaults" if not any(k.startswith("MALLOC_") for k in spec.env) else
                          "MALLOC_* variables in child_env, applied to every method"}
 

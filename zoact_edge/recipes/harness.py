@@ -26,6 +26,7 @@ from ..config import TuneConfig
 from ..data.datasets import batch_indices
 from ..data.evaluate import example_lengths
 from ..data.tasks import build_task
+from ..environment import environment
 from ..errors import UserError
 from ..memory import fmt_bytes, peak_cuda_bytes, peak_rss_bytes
 from ..models import Loaded, load_model
@@ -130,13 +131,15 @@ def train_loop(cfg: TuneConfig, inputs: Inputs, step_fn: StepFn, run_eval: Calla
 
 
 def run_costs(loop_seconds: float, steps_run: int, t_start: float) -> dict:
-    """Time and peak-memory fields every method's summary.json shares."""
+    """The fields every method's summary.json shares: time, peak memory and the environment the run ran in
+    (thread count and package versions move a ZO run's last digits: :mod:`zoact_edge.environment`)."""
     return {
         "train_seconds_this_run": round(loop_seconds, 2),
         "seconds_per_step": round(loop_seconds / max(steps_run, 1), 3),
         "wall_seconds_this_run": round(time.time() - t_start, 2),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_cuda_bytes": peak_cuda_bytes(),
+        "environment": environment(),
     }
 
 
