@@ -7,7 +7,7 @@ tree: ``ZOACT_PIN_WRITE=1 pytest tests/test_pinned_recipes.py``).
 
 On the machine that wrote them the values repeat exactly. Another CPU runs other kernels (torch and MKL pick
 AVX2, AVX-512 or AMX code at run time) that round differently: on an AVX-512 machine every case differed from
-the pins, written on an earlier machine with the same packages, by up to 7.4e-7 relative. So the values are
+the pins, written on an earlier machine, by up to 7.4e-7 relative. So the values are
 compared within a relative ``TOLERANCE`` of 5e-6, six times that and still far below what a change of the
 recipe does: raising ``--eps`` or ``--lr`` by 0.1% moved the logged losses by up to 6.6e-5 and 2.2e-4 relative
 (measured on that machine), and a changed seed, batch or direction stream changes the steps themselves.

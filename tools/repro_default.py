@@ -1,14 +1,14 @@
 """Does ``zoact-edge tune`` reproduce, and what moves its last digits? The same command at several thread counts.
 
 A ZO step's size is ``(L+ - L-) / 2 eps``: a difference of two nearly equal losses, so the last digits of the
-forward feed every step, and they depend on how many threads split a matrix product and on the versions of
-torch and transformers. This runs the same command (the default run unless told otherwise) in fresh
-processes with torch limited to each ``--threads`` count, and records what each run read, with the commit and
-the environment from its ``summary.json``. Read the table in docs/results.md ("Reproducibility"): identical
-losses to the last digit mean a bit-identical run.
+forward feed every step, and they depend on the kernels torch and MKL pick for the CPU (AVX2, AVX-512), on how
+many threads split a matrix product and on the package versions. This runs the same command (the default run
+unless told otherwise) in fresh processes with torch limited to each ``--threads`` count, and records what each
+run read, with the commit and the environment from its ``summary.json``. Read the table in docs/results.md
+("Reproducibility"): identical losses to the last digit mean a bit-identical run.
 
-    python tools/repro_default.py --threads 2 --repeats 2      # alone on the machine
-    python tools/repro_default.py --threads 1                  # beside it is fine: threads, not load, decide
+    python tools/repro_default.py --threads 2 --repeats 2      # the numbers depend on the thread count,
+    python tools/repro_default.py --threads 1                  # not on the load: two may share the machine
     python tools/repro_default.py -- --bits 4                  # another command: tune's options after --
     python tools/readme_results.py
 """
@@ -32,7 +32,7 @@ DEFAULT_RUN = ROOT / "docs" / "results" / "default-fp32.json"
 
 
 def commit() -> str:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it."""
+    """The checkout's commit, ``+dirty`` when the package's files differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode:
         return "unknown"
