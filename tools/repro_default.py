@@ -41,7 +41,7 @@ def commit() -> str:
 
 
 def run_once(tune_args: list[str], threads: int) -> dict:
-    """One ``zoact-edge tune`` in a fresh process with ``threads`` torch threads; its record."""
+    """One ``zoact-edge tune`` in a fresh process with ``threads`` torch threads: its metrics and environment."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory(prefix="zoact-repro-") as tmp:
         out = Path(tmp) / "run"
@@ -50,8 +50,9 @@ def run_once(tune_args: list[str], threads: int) -> dict:
         if proc.returncode:
             raise SystemExit(f"tune failed (exit {proc.returncode}) with {threads} thread(s)")
         summary = json.loads((out / "summary.json").read_text())
-    return {"command": " ".join(["zoact-edge tune", *tune_args]), "threads": threads, "commit": commit(),
-            "zero_shot": summary["zero_shot"], "tuned": summary["tuned"],
+    if summary["environment"]["torch_threads"] != threads:
+        raise SystemExit(f"the run used {summary['environment']['torch_threads']} torch threads, not {threads}")
+    return {"threads": threads, "zero_shot": summary["zero_shot"], "tuned": summary["tuned"],
             "seconds_per_step": summary["seconds_per_step"], "environment": summary["environment"]}
 
 
@@ -65,7 +66,6 @@ def repro_table(data: dict, default_run: dict | None = None) -> str:
                     f"| {default_run['tuned']['loss']!r} |")
     for r in data.get("records", []):
         env, pkgs = r["environment"], r["environment"]["packages"]
-        assert env["torch_threads"] == r["threads"], "the run ignored its thread limit"
         rows.append(f"| {r['commit']} | `{r['command']}` | {env['cpu_capability']} | {r['threads']} "
                     f"| {pkgs['torch']} / {pkgs['transformers']} | {r['zero_shot']['loss']!r} "
                     f"| {r['tuned']['accuracy']:.3f} | {r['tuned']['loss']!r} |")
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     tune_args = args.tune[1:] if args.tune[:1] == ["--"] else args.tune
     if "--output" in tune_args:
         p.error("leave --output out: each run writes to a temporary folder")
+    command, code = " ".join(["zoact-edge tune", *tune_args]), commit()
     for threads in args.threads:
         for i in range(args.repeats):
-            print(f"{' '.join(['zoact-edge tune', *tune_args])} with {threads} thread(s), run {i + 1}", flush=True)
-            rec = run_once(tune_args, threads)
+            print(f"{command} with {threads} thread(s), run {i + 1}", flush=True)
+            rec = {"command": command, "commit": code, **run_once(tune_args, threads)}
             locked_update(PATH, lambda data: data["records"].append(rec))
             print(f"  tuned accuracy {rec['tuned']['accuracy']:.3f}, loss {rec['tuned']['loss']!r}", flush=True)
     print(repro_table(json.loads(PATH.read_text()), json.loads(DEFAULT_RUN.read_text())))
