@@ -239,3 +239,112 @@ def test_top_column_share_is_column_zeros_part_of_a_querys_mean_square():
         return float(p.pow(2).mean())
 
     assert top_column_share(energies, scales) == pytest.approx(mean_square(True) / mean_square(False), rel=0.03)
+
+
+def _rescaled_copy(src, dst):
+    """The tiny Llama rescaled by tools/probe_step_scale.py: the same function, other weight scales."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from probe_step_scale import rescale_llama
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    rescale_llama(model)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def test_weight_step_scale_trains_a_rescaled_model_as_the_original(model_dirs, tmp_path):
+    """--step-scale weight: a function-preserving rescaling of the weights (powers of two, exact) leaves every
+    logged loss as it was, and the adapter's delta W moves with its weight; --step-scale absolute does not
+    (its effective lr per layer moves with the rescaling)."""
+    rescaled = _rescaled_copy(model_dirs["llama"], tmp_path / "rescaled")
+    args = ["tune", *FAST, "--steps", "6", "--lr", "2e-2", "--eps", "1e-2", "--eval-every", "3"]
+    runs = {}
+    for units in ("weight", "absolute"):
+        for name, model in (("orig", model_dirs["llama"]), ("rescaled", rescaled)):
+            out = tmp_path / f"{units}-{name}"
+            assert main([*args, "--model", str(model), "--step-scale", units, "--output", str(out)]) == 0
+            records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+            summary = json.loads((out / "summary.json").read_text())
+            runs[units, name] = [summary["zero_shot"]["loss"], summary["tuned"]["loss"]] + [
+                v for r in records for v in (r["loss"], r.get("eval", {}).get("loss")) if v is not None]
+
+    def losses(units, name):
+        return runs[units, name]
+
+    assert len(losses("weight", "orig")) == 2 + 6 + 1  # zero-shot, tuned, 6 steps, the evaluation at step 3
+    assert losses("absolute", "orig")[0] == pytest.approx(losses("absolute", "rescaled")[0], rel=1e-6)  # one model
+    assert losses("weight", "orig") == pytest.approx(losses("weight", "rescaled"), rel=1e-6)
+    assert losses("absolute", "orig") != pytest.approx(losses("absolute", "rescaled"), rel=1e-3)
+
+
+def test_weight_step_scale_is_training_b_relative_to_the_weight(tokenizer):
+    """The independent computation: B = c B~ with B~ trained by plain ZO steps at lr and eps is a layer whose
+    basis is c P. Three estimator steps with --step-scale weight's directions and optimizer must move B as
+    those steps move c B~ (Adam: lr times c per layer; SGD: the run's lr), in fp64."""
+    from zoact_edge.config import TuneConfig
+    from zoact_edge.zo.schedule import make_optimizer
+
+    task = rt_task(tokenizer)
+    batch = task.collate(rt_examples(8))
+    for optimizer in ("adam", "sgd"):
+        finals = []
+        for relative in (True, False):
+            model = make_model("llama", len(tokenizer)).double()
+            found, bases, _, _ = _bases(model, task)
+            c = {t.name: float(tgt.dense_weight(model.get_submodule(t.name)).square().mean().sqrt()) for t in found}
+            if not relative:  # the explicit reparametrisation: basis c P, plain directions, the run's lr
+                bases = {n: P.double() * c[n] for n, P in bases.items()}
+            layers = inject_adapters(model, found, bases, None, torch.float64, torch.device("cpu"))
+            order = list(layers.values())
+            if relative:
+                perturb.apply(layers, perturb.times({}, perturb.weight_rms(layers), {n: 4 for n in layers}))
+            cfg = TuneConfig(optimizer=optimizer, lr=1e-2, eps=1e-4)
+            opt = make_optimizer([l.B for l in order], cfg, [c[n] for n in layers] if relative else None)
+            for group in opt.param_groups:  # Adam's eps (1e-8) is the one term not rescaled: off for the check
+                if "eps" in group:
+                    group["eps"] = 1e-30
+
+            def loss_fn():
+                with torch.inference_mode():
+                    return float(task.loss(model, batch))
+
+            for step in range(3):
+                res = estimate(order, loss_fn, step_seed=step, eps=cfg.eps)
+                write_gradients(order, res, step_seed=step)
+                opt.step()
+            finals.append({n: l.B.clone() * (1.0 if relative else c[n]) for n, l in layers.items()})
+        assert any(float(b.abs().max()) > 1e-4 for b in finals[0].values())  # the steps moved B
+        for n in finals[0]:
+            torch.testing.assert_close(finals[0][n], finals[1][n], rtol=1e-6, atol=1e-10, msg=f"{optimizer} {n}")
+
+
+def test_weight_step_scale_refuses_what_it_cannot_scale():
+    from zoact_edge.config import TuneConfig
+    from zoact_edge.errors import UserError
+
+    TuneConfig(step_scale="weight", bits=4).validate()
+    TuneConfig(step_scale="weight", method="subspace").validate()
+    for bad, match in (({"method": "mezo"}, "is for --method zoact or subspace"),
+                       ({"bits": 8}, "LLM.int8 weights cannot be read"),
+                       ({"step_scale": "relative"}, "choose one of absolute, weight")):
+        with pytest.raises(UserError, match=match):
+            TuneConfig(**{"step_scale": "weight", **bad}).validate()
+
+
+def test_weight_step_scale_run_resumes_bit_identically(model_dirs, tmp_path):
+    """The checkpoint keeps each layer's lr multiple and scaled directions: a resumed run is the uninterrupted one."""
+    args = ["tune", "--model", model_dirs["llama"], *FAST, "--step-scale", "weight", "--steps", "6",
+            "--save-every", "3", "--lr", "2e-2", "--eps", "1e-2"]
+    ref = _cli([*args, "--output", tmp_path / "ref"])
+    assert ref.returncode == 0, ref.stderr
+    assert _cli([*args, "--output", tmp_path / "run"], env={"ZOACT_KILL_AT_STEP": "5"}).returncode == -9
+    state = json.loads((tmp_path / "run/checkpoint/state.json").read_text())
+    assert state["step"] == 3 and len(state["lr_scales"]) == len(state["z_scales"]) == 14
+    assert all(v == [c] * 4 for v, c in zip(state["z_scales"].values(), state["lr_scales"]))
+    assert _cli(["tune", "--resume", tmp_path / "run"]).returncode == 0
+    a = load_file(str(tmp_path / "ref/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -50,6 +50,7 @@ from diagnose_rounding import rounding_table  # noqa: E402
 from diagnose_scaling import scaling_table  # noqa: E402
 from diagnose_transfer import transfer_table  # noqa: E402
 from probe_average import average_table  # noqa: E402
+from probe_step_scale import step_scale_table  # noqa: E402
 from probe_streams import streams_table  # noqa: E402
 from record_runs import curve_table, default_run, order_table, paired_table, quickstart, runs_table  # noqa: E402
 from repro_default import repro_table  # noqa: E402
@@ -75,6 +76,7 @@ XBEGIN, XEND = "<!-- streams:begin -->", "<!-- streams:end -->"
 MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
 ZBEGIN, ZEND = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 HBEGIN, HEND = "<!-- repro:begin -->", "<!-- repro:end -->"
+WBEGIN, WEND = "<!-- step-scale:begin -->", "<!-- step-scale:end -->"
 
 
 def _methods(recs: list[dict]) -> list[str]:
@@ -294,7 +296,8 @@ def main() -> None:
         + ([(RBEGIN, REND, rounding_table(rnd))] if (rnd := _load("diagnose_rounding.json")) else [])
         + ([(LBEGIN, LEND, curve_table(seeds))] if (seeds := _load("seeds-default.json")) else [])
         + ([(HBEGIN, HEND, repro_table(rep, _load("default-fp32.json")))] if (rep := _load("reproducibility.json"))
-           else []),
+           else [])
+        + ([(WBEGIN, WEND, step_scale_table(units))] if (units := _load("step_scale.json")) else []),
         ROOT / "README.md": [(QBEGIN, QEND, quickstart())]
         + ([(PBEGIN, PEND, standing(conv, oracle, _load("diagnose_basis.json"), curv, budget))] if conv else []),
     }

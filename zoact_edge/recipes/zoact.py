@@ -72,7 +72,8 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         layers = inject_adapters(model, found, P, B, dtype, device)
         start_step, zero_shot, basis_seconds = state["step"], state["zero_shot"], state["basis_seconds"]
         compensation = state.get("compensation")  # already in the checkpoint's B
-        perturb.apply(layers, perturb.from_state(state.get("z_scales")))
+        perturb.apply(layers, perturb.from_state(state.get("z_scales")))  # --step-scale's factor included
+        lr_scales = state.get("lr_scales")
         if main:
             rundir.truncate_metrics(run.path, start_step)
     else:
@@ -89,7 +90,13 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         basis_seconds = time.time() - t0
         release_free_memory()
         yardstick.meter.split("basis")  # the yardstick's phases: see profiling.meter.tune_peak_summary
-        perturb.apply(layers, perturb.column_scales(cfg.perturb, layers, energies or None))
+        scales = perturb.column_scales(cfg.perturb, layers, energies or None)
+        lr_scales = None
+        if cfg.step_scale == "weight":  # lr and eps relative to each layer's weight: B = c B~, B~ trained
+            factors = perturb.weight_rms(layers)
+            scales = perturb.times(scales, factors, {n: l.B.shape[1] for n, l in layers.items()})
+            lr_scales = [factors[n] for n in layers]
+        perturb.apply(layers, scales)
     # Built before anything is written: it refuses unsupported architectures.
     cache = PrefixCache(model, layers, cfg.cache_prefix_mb * 2**20) if cfg.cache_prefix else None  # across epochs
     engine = ENGINES[cfg.backend](cfg, inputs, layers, fused, cache, ranks)
@@ -110,7 +117,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         yardstick.meter.split("zero-shot eval")
     order = list(layers.values())
     distributed.broadcast_adapters(ranks, order)  # all ranks start from rank 0's exact adapter
-    optimizer = make_optimizer([l.B for l in order], cfg)
+    optimizer = make_optimizer([l.B for l in order], cfg, lr_scales)
     if opt_state is not None:
         _load_optimizer_state(optimizer, opt_state, resume)
 
@@ -119,7 +126,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
             return
         state = {"step": step, "zero_shot": zero_shot, "basis_seconds": basis_seconds, "config": cfg.to_dict(),
                  "compensation": compensation,
-                 "z_scales": perturb.to_state(layers)}
+                 "z_scales": perturb.to_state(layers), "lr_scales": lr_scales}
         adapter_files.save_checkpoint(run.path, layers, optimizer, state)
         run.commit()  # an --overwrite run replaces the old one at its first checkpoint
 

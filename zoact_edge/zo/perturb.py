@@ -18,6 +18,9 @@ column scaling cannot help under Adam"). A constant D only rescales eps (and, un
   The curvature of the loss along column j scales with sigma_j^2 (the input energy along P_j),
   so under SGD this scaling equalises it (exactly, for a quadratic in the adapter output); the
   top column keeps D = 1. Needs the activation bases' energies (``--method zoact``).
+
+``--step-scale weight`` multiplies any of these by the layer's weight RMS (:func:`weight_rms`), and the
+optimizer's lr for the layer with it (:func:`zoact_edge.zo.schedule.make_optimizer`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import torch
 
 from ..adapters.layer import ZOActLinear
+from ..adapters.targets import dense_weight
 from ..errors import UserError
 
 KINDS = ("plain", "rank", "layer-norm", "whiten")
@@ -53,6 +57,22 @@ def column_scales(kind: str, layers: dict[str, ZOActLinear], energies: dict[str,
             e = energies[name].double()
             out[name] = (e[0] / e.clamp(min=float(e[0]) * ENERGY_FLOOR)).sqrt().float()
     return out
+
+
+@torch.no_grad()
+def weight_rms(layers: dict[str, ZOActLinear]) -> dict[str, float]:
+    """``{layer name: RMS of its frozen weight W}`` (``--step-scale weight``), W as the layer computes with it
+    (a 4-bit weight dequantized). Training B with lr and eps both times c = RMS(W) is training B~ = B / c with
+    lr and eps: the layer computes ``W x + c B~ P^T x``, which a rescaling of W and of its input leaves unchanged
+    (W -> a W moves c -> a c), so the run does not depend on the scale a model keeps its weights at."""
+    return {name: float(dense_weight(layer.base).square().mean().sqrt()) for name, layer in layers.items()}
+
+
+def times(scales: dict[str, torch.Tensor | None], factors: dict[str, float], rank: dict[str, int]
+          ) -> dict[str, torch.Tensor]:
+    """Every layer's column scale times its factor (a ``plain`` layer's scale becomes the constant factor)."""
+    return {name: (torch.ones(rank[name]) if scales.get(name) is None else scales[name]) * factors[name]
+            for name in factors}
 
 
 def apply(layers: dict[str, ZOActLinear], scales: dict[str, torch.Tensor | None]) -> None:
