@@ -14,9 +14,13 @@ moves by the same factor, so its run on the rescaled model is the original run.
     python tools/probe_step_scale.py rescale --output /tmp/smollm2-rescaled     # the rescaled copy
     python tools/probe_step_scale.py run --rescaled /tmp/smollm2-rescaled --runs abs,weight-lr5e-3
 
-``run`` trains each named setting on the default model and on its rescaled copy (seed 0, the ablations'
-protocol: batch 8, 300 forwards, the first 200 validation sentences, no test split) and appends both curves to
-``docs/results/step_scale.json``; a record already there is skipped.
+``run`` trains each named setting on the default model and on its rescaled copy (``--models`` picks one; the
+ablations' protocol: batch 8, 300 forwards, the first 200 validation sentences, no test split; ``--seed``,
+``--task``) and appends each curve to ``docs/results/step_scale.json``; a record already there (same setting,
+model, task, seed and budget) is skipped. The records in that file ran as, two queues at a time, one thread each:
+
+    run --runs abs,weight-lr5e-3 --models rescaled      (and --models default, with lr 2e-3, 1e-2, 2e-2)
+    run --runs abs,weight-lr5e-3 --models default --seed 1    (and --seed 2; and --task tweets at seed 0)
 """
 
 from __future__ import annotations
