@@ -257,8 +257,7 @@ def _rescaled_copy(src, dst):
 
 def test_weight_step_scale_trains_a_rescaled_model_as_the_original(model_dirs, tmp_path):
     """--step-scale weight: a function-preserving rescaling of the weights (powers of two, exact) leaves every
-    logged loss as it was, and the adapter's delta W moves with its weight; --step-scale absolute does not
-    (its effective lr per layer moves with the rescaling)."""
+    logged loss as it was; --step-scale absolute does not (its effective lr per layer moves with the rescaling)."""
     rescaled = _rescaled_copy(model_dirs["llama"], tmp_path / "rescaled")
     args = ["tune", *FAST, "--steps", "6", "--lr", "2e-2", "--eps", "1e-2", "--eval-every", "3"]
     runs = {}
@@ -271,13 +270,10 @@ def test_weight_step_scale_trains_a_rescaled_model_as_the_original(model_dirs, t
             runs[units, name] = [summary["zero_shot"]["loss"], summary["tuned"]["loss"]] + [
                 v for r in records for v in (r["loss"], r.get("eval", {}).get("loss")) if v is not None]
 
-    def losses(units, name):
-        return runs[units, name]
-
-    assert len(losses("weight", "orig")) == 2 + 6 + 1  # zero-shot, tuned, 6 steps, the evaluation at step 3
-    assert losses("absolute", "orig")[0] == pytest.approx(losses("absolute", "rescaled")[0], rel=1e-6)  # one model
-    assert losses("weight", "orig") == pytest.approx(losses("weight", "rescaled"), rel=1e-6)
-    assert losses("absolute", "orig") != pytest.approx(losses("absolute", "rescaled"), rel=1e-3)
+    assert len(runs["weight", "orig"]) == 2 + 6 + 1  # zero-shot, tuned, 6 steps, the evaluation at step 3
+    assert runs["absolute", "orig"][0] == pytest.approx(runs["absolute", "rescaled"][0], rel=1e-6)  # one model
+    assert runs["weight", "orig"] == pytest.approx(runs["weight", "rescaled"], rel=1e-6)
+    assert runs["absolute", "orig"] != pytest.approx(runs["absolute", "rescaled"], rel=1e-3)
 
 
 def test_weight_step_scale_is_training_b_relative_to_the_weight(tokenizer):
