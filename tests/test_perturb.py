@@ -296,7 +296,7 @@ def test_weight_step_scale_is_training_b_relative_to_the_weight(tokenizer):
             layers = inject_adapters(model, found, bases, None, torch.float64, torch.device("cpu"))
             order = list(layers.values())
             if relative:
-                perturb.apply(layers, perturb.times({}, perturb.weight_rms(layers), {n: 4 for n in layers}))
+                perturb.apply(layers, perturb.times({}, perturb.weight_rms(layers), layers))
             cfg = TuneConfig(optimizer=optimizer, lr=1e-2, eps=1e-4)
             opt = make_optimizer([l.B for l in order], cfg, [c[n] for n in layers] if relative else None)
             for group in opt.param_groups:  # Adam's eps (1e-8) is the one term not rescaled: off for the check

@@ -138,9 +138,9 @@ def main(argv=None) -> None:
     q.add_argument("--batch-order", choices=["random", "length"], default="random")
     q.add_argument("--eval-samples", type=int, default=200)
     q.add_argument("--extra", default="", help="more tune options for every run")
+    q.set_defaults(bits=0)  # run_one's --bits: the models as saved (fp32)
     sub.add_parser("table", help="print the results as a markdown table")
     args = p.parse_args(argv)
-    args.bits = 0
     if args.cmd == "rescale":
         rescale(args)
     elif args.cmd == "run":

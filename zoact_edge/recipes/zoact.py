@@ -94,7 +94,7 @@ def tune_zoact(cfg: TuneConfig, inputs: Inputs, run: rundir.RunDir | None, ranks
         lr_scales = None
         if cfg.step_scale == "weight":  # lr and eps relative to each layer's weight: B = c B~, B~ trained
             factors = perturb.weight_rms(layers)
-            scales = perturb.times(scales, factors, {n: l.B.shape[1] for n, l in layers.items()})
+            scales = perturb.times(scales, factors, layers)
             lr_scales = [factors[n] for n in layers]
         perturb.apply(layers, scales)
     # Built before anything is written: it refuses unsupported architectures.

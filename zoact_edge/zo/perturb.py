@@ -68,11 +68,11 @@ def weight_rms(layers: dict[str, ZOActLinear]) -> dict[str, float]:
     return {name: float(dense_weight(layer.base).square().mean().sqrt()) for name, layer in layers.items()}
 
 
-def times(scales: dict[str, torch.Tensor | None], factors: dict[str, float], rank: dict[str, int]
+def times(scales: dict[str, torch.Tensor | None], factors: dict[str, float], layers: dict[str, ZOActLinear]
           ) -> dict[str, torch.Tensor]:
     """Every layer's column scale times its factor (a ``plain`` layer's scale becomes the constant factor)."""
-    return {name: (torch.ones(rank[name]) if scales.get(name) is None else scales[name]) * factors[name]
-            for name in factors}
+    return {name: (torch.ones(layer.B.shape[1]) if scales.get(name) is None else scales[name]) * factors[name]
+            for name, layer in layers.items()}
 
 
 def apply(layers: dict[str, ZOActLinear], scales: dict[str, torch.Tensor | None]) -> None:
