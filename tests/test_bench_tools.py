@@ -612,6 +612,20 @@ def test_results_files_lose_no_record_to_a_process_beside_them(tmp_path):
         assert [r["i"] for r in records if r["tag"] == tag] == list(range(40))
 
 
+def test_reading_a_results_file_writes_nothing(tmp_path):
+    """A tool that only reads a results file (to skip runs already there, or to print a table) leaves it
+    byte for byte as it was, and creates none where there is none."""
+    from results_io import locked_update, read_results
+
+    path = tmp_path / "results.json"
+    assert read_results(path) == {"records": []} and not path.exists()
+    locked_update(path, lambda d: d["records"].append({"x": 1}))
+    path.write_text(path.read_text() + "\n")  # a byte no writer of ours would leave
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    assert read_results(path) == {"records": [{"x": 1}]}
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
 def test_budget_table_reads_each_long_run_with_its_loss_and_sealed_test():
     rec = {"task": "rotten-tomatoes", "method": "zoact", "seed": 0, "forwards": 1500,
            "settings": {"lr": 0.001, "eps": 0.001, "schedule": "cosine"}, "val_loss": 0.52764,

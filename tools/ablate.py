@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import RESULTS, run_one  # noqa: E402  (the harness' run, not a copy)
 from results_format import curve_cell, settings_label  # noqa: E402
-from results_io import locked_update  # noqa: E402
+from results_io import locked_update, read_results  # noqa: E402
 
 PATH = RESULTS / "ablations.json"
 
@@ -96,7 +96,7 @@ def ablate(args) -> None:
     path = Path(args.output)
     for name in args.runs.split(","):
         method, settings = RUNS[name]
-        done = locked_update(path, lambda d: None)["records"]
+        done = read_results(path)["records"]
         if any(_same(r, name, args.task, args.seed, args) for r in done):
             continue
         # run_one counts a step as FORWARDS_PER_STEP[method] forwards; with several queries the

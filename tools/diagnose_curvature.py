@@ -57,7 +57,7 @@ from zoact_edge.seeds import derive_seed
 from zoact_edge.zo.baselines import mezo_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update, read_results  # noqa: E402  (the lock + atomic write every results file shares)
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_curvature.json"
 PROBE_TAG = 0xC0B7  # the probes' directions, apart from every stream tune draws
@@ -270,7 +270,7 @@ def main(argv=None) -> None:
                args.eps or SPACES[name.partition(":")[0]][2])
         if any((r["space"], r["task"], r["seed"], r["at"], r["batches"], r["probes_per_batch"], r["batch_size"],
                 r["eps"]) == key
-               for r in locked_update(Path(args.output), lambda d: None)["records"]):
+               for r in read_results(Path(args.output))["records"]):
             continue
         rec = measure(name, args.task, args.seed, args.batches, args.probes, args.batch_size, args.at, args.eps)
         locked_update(Path(args.output), lambda d: d["records"].append(rec))

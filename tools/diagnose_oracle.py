@@ -48,7 +48,7 @@ from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.seeds import derive_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update, read_results  # noqa: E402  (the lock + atomic write every results file shares)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 PATH = RESULTS / "diagnose_oracle.json"
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     path = Path(args.output)
     for name in args.runs.split(","):
         key = (name, args.task, args.seed, args.budget, args.batch_size, args.eval_samples)
-        done = locked_update(path, lambda d: None)["records"]
+        done = read_results(path)["records"]
         if any((r["name"], r["task"], r["seed"], r["forwards"], r["batch_size"], r["eval_samples"]) == key
                for r in done):
             continue

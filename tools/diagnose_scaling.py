@@ -47,7 +47,7 @@ from zoact_edge.recipes.zoact import CALIBRATION_TAG
 from zoact_edge.zo import perturb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import locked_update  # noqa: E402  (the lock + atomic write every results file shares)
+from results_io import locked_update, read_results  # noqa: E402  (the lock + atomic write every results file shares)
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "results" / "diagnose_scaling.json"
 
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
             data["records"] = [r for r in data["records"] if r["at"] != rec["at"]] + [rec]
 
         locked_update(Path(args.output), replace_point)
-    print(scaling_table(locked_update(Path(args.output), lambda d: None)))
+    print(scaling_table(read_results(Path(args.output))))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import RESULTS, run_one  # noqa: E402  (the harness' run, not a copy)
 from results_format import curve_cell, mean_sd, stats  # noqa: E402
-from results_io import locked_update  # noqa: E402
+from results_io import locked_update, read_results  # noqa: E402
 
 PATH = RESULTS / "step_scale.json"
 # Per block: (a: input_layernorm -> q/k/v, m: post_attention_layernorm -> gate/up, b: v -> o, u: up -> down).
@@ -90,7 +90,7 @@ def run(args) -> None:
     for name in args.runs.split(","):
         for which, model in models.items():
             key = (name, which, args.task, args.seed, args.budget)
-            done = locked_update(PATH, lambda d: None)["records"]
+            done = read_results(PATH)["records"]
             if any((r["name"], r["model"], r["task"], r["seed"], r["budget"]) == key for r in done):
                 continue
             on = argparse.Namespace(**{**vars(args), "model": model})  # run_one reads the model from its args
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown run(s): {', '.join(unknown)}")
         run(args)
     else:
-        print(step_scale_table(locked_update(PATH, lambda d: None)))
+        print(step_scale_table(read_results(PATH)))
 
 
 if __name__ == "__main__":
