@@ -1,5 +1,7 @@
 """Frozen weights stay bit-identical in every precision; bitsandbytes 4/8-bit paths train on CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import fingerprint, rt_examples, rt_task
@@ -65,6 +67,53 @@ def test_quantized_model_is_cached_and_reloaded(model_dirs, tmp_path, monkeypatc
     again = load_model(str(model_dirs["gpt2"]), bits=4, device="cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in again.model.modules())
     assert len(list((tmp_path / "quantized").iterdir())) == 1
+
+
+def test_a_gguf_is_converted_once_per_content_not_per_path(tmp_path, monkeypatch):
+    """The same GGUF file in another environment (another path, another mtime) reuses the converted folder;
+    a file with one byte changed gets its own. The digest the cache is keyed by is the file's SHA-256."""
+    import hashlib
+    import os
+    import shutil
+    import types
+
+    import transformers
+
+    from zoact_edge import models
+
+    monkeypatch.setenv("ZOACT_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    class Saved:
+        def __init__(self, name):
+            self.name, self.config = name, types.SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (Path(folder) / f"{self.name}.json").write_text("{}")
+
+    def model_from(folder, gguf_file, **kw):
+        conversions.append(Path(folder) / gguf_file)
+        return Saved("config")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: Saved("tokenizer_config"))
+    data = bytes(range(256)) * 1000
+    first = tmp_path / "env1" / "m.gguf"
+    first.parent.mkdir()
+    first.write_bytes(data)
+    copy = tmp_path / "env2" / "m.gguf"
+    copy.parent.mkdir()
+    shutil.copy(first, copy)
+    os.utime(copy, ns=(1, 1))
+    changed = tmp_path / "env3" / "m.gguf"
+    changed.parent.mkdir()
+    changed.write_bytes(data[:-1] + b"\x00")
+
+    assert models.content_digest(first) == models.content_digest(copy) == hashlib.sha256(data).hexdigest()
+    folder = models.convert_gguf(first)
+    assert (folder / "config.json").is_file() and models.convert_gguf(copy) == folder
+    assert models.convert_gguf(changed) != folder
+    assert conversions == [first, changed]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

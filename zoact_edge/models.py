@@ -29,7 +29,7 @@ import torch
 
 from .config import BITS, QUANTIZED_BITS
 from .errors import UserError
-from .paths import atomic_dir, cache_dir
+from .paths import atomic_dir, atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,28 @@ def _file_id(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def content_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes, remembered in the cache under the file's path, size and mtime (hashing a
+    multi-GB GGUF takes seconds; a file that changes changes its mtime, so a remembered digest never goes stale)."""
+    memo = cache_dir() / "digests" / _fingerprint(_file_id(path))
+    if memo.is_file():
+        return memo.read_text().strip()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(memo) as f:
+        f.write(digest)
+    return digest
+
+
 def convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF file once into a cached fp32 safetensors folder and return the folder."""
+    """Dequantize a GGUF file once into a cached fp32 safetensors folder and return the folder.
+
+    The folder is keyed by the file's content, so the same model installed in another environment or
+    reinstalled (a new path or mtime) reuses it instead of converting again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_dir() / "models" / f"{path.stem}-{_fingerprint(_file_id(path))}"
+    out = cache_dir() / "models" / f"{path.stem}-{_fingerprint('gguf-sha256', content_digest(path))}"
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors (once; cached in %s)", path.name, out)
