@@ -453,6 +453,12 @@ def test_paired_table_sets_a_setting_beside_the_default_seed_by_seed(monkeypatch
     assert second == "| 1 | 0.700 (+20.0) | 0.500 | 0.600 (+10.0) | 0.200 | -10.0 / -0.300 |"
     assert means == ("| mean ± sd | +15.0 ± 5.0 | 0.500 | +12.5 ± 2.5 | 0.400 "
                      "| -2.5 ± 7.5 / -0.100 ± 0.200 |")  # population sd, as every table here
+    # with a base option, the pairs are that command's runs: tweets against tweets, never the default task's
+    tweets = {"task": "tweets"}
+    runs += [rec(0, 0.55, 0.3, tweets), rec(0, 0.58, 0.2, {**tweets, **more}), rec(1, 0.52, 0.2, {**tweets, **more})]
+    header, _, only = record_runs.paired_table(4, base=tweets, calib_samples=256).splitlines()
+    assert "`zoact-edge tune --bits 4 --task tweets --calib-samples 256`" in header
+    assert only == "| 0 | 0.550 (+5.0) | 0.467 | 0.580 (+8.0) | 0.433 | +3.0 / -0.033 |"
 
 
 def test_padding_counts_real_tokens_over_padded_positions_and_grouping_keeps_the_examples():

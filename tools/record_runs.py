@@ -135,10 +135,12 @@ def _default_runs(bits: int, defaults: list[dict], seeds: list[dict]) -> list[di
     return _once_per_seed(_runs_of(defaults + seeds, bits))
 
 
-def default_run(bits: int, seed: int, runs: list[dict] | None = None) -> dict | None:
+def default_run(bits: int, seed: int, runs: list[dict] | None = None, **base) -> dict | None:
     """The default command's recorded run at ``bits`` and ``seed`` (among ``runs``, else the committed ones), one
-    with a validation curve where there is one (``--eval-every`` changes no result: :data:`SAME_RUN`)."""
-    runs = [r for r in _runs_of(_defaults() + _records() if runs is None else runs, bits) if r.get("seed", 0) == seed]
+    with a validation curve where there is one (``--eval-every`` changes no result: :data:`SAME_RUN`); with ``base``
+    options (``task="tweets"``), that command's."""
+    runs = [r for r in _runs_of(_defaults() + _records() if runs is None else runs, bits, **base)
+            if r.get("seed", 0) == seed]
     return next((r for r in runs if r.get("eval_curve")), runs[0] if runs else None)
 
 
@@ -246,15 +248,16 @@ def _shown(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
-def paired_table(bits: int, **options) -> str:
-    """The default command against the same command with ``options``, seed by seed where both ran: final accuracy
-    (gain over zero-shot) and validation loss over the evals at steps 150 and 300 and the final one; then the means
-    and the paired differences (docs/results.md)."""
-    runs = _defaults() + _records()
-    pairs = {s: (plain, run) for run in _once_per_seed(_runs_of(runs, bits, **options))
-             if (plain := default_run(bits, s := run.get("seed", 0), runs)) is not None}
-    rows = [f"| seed | `{command({'bits': bits})}`: final acc. (gain) | val. loss, evals and final "
-            f"| `{command({'bits': bits, **options})}`: final acc. (gain) | val. loss, evals and final "
+def paired_table(bits: int, base: dict | None = None, **options) -> str:
+    """The default command (with ``base`` options, e.g. ``{"task": "tweets"}``) against the same command with
+    ``options``, seed by seed where both ran: final accuracy (gain over zero-shot) and validation loss over the evals
+    at steps 150 and 300 and the final one; then the means and the paired differences (docs/results.md)."""
+    runs, base = _defaults() + _records(), base or {}
+    pairs = {s: (plain, run) for run in _once_per_seed(_runs_of(runs, bits, **base, **options))
+             if (plain := default_run(bits, s := run.get("seed", 0), runs, **base)) is not None}
+    bits_flag = {"bits": bits} if bits != TuneConfig.bits else {}
+    rows = [f"| seed | `{command({**bits_flag, **base})}`: final acc. (gain) | val. loss, evals and final "
+            f"| `{command({**bits_flag, **base, **options})}`: final acc. (gain) | val. loss, evals and final "
             "| difference: gain / loss |", "|---|---|---|---|---|---|"]
     read = {s: [(_gains([r])[0], mean_eval_loss(r)) for r in pair] for s, pair in sorted(pairs.items())}
     for s, ((ga, la), (gb, lb)) in read.items():
