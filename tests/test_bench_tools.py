@@ -343,7 +343,7 @@ def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path)
 
     run = tmp_path / "run"
     run.mkdir()
-    config = {**TuneConfig().to_dict(), "bits": 4, "seed": 2, "share_prefix": False, "compensate": True,
+    config = {**TuneConfig().resolved().to_dict(), "bits": 4, "seed": 2, "share_prefix": False, "compensate": True,
               "lr": 1e-3, "output": "somewhere"}  # lr 1e-3 is zoact's own default: not an option
     (run / "run_config.json").write_text(json.dumps({**config, "model_folder": "/m"}))
     (run / "summary.json").write_text(json.dumps({"zero_shot": {"accuracy": 0.5}, "tuned": {"accuracy": 0.6}}))
@@ -351,6 +351,21 @@ def test_record_runs_names_every_option_that_differs_from_the_defaults(tmp_path)
     assert rec["options"] == {"bits": 4, "share_prefix": False, "seed": 2}  # --compensate is --bits 4's default
     assert rec["command"] == "zoact-edge tune --bits 4 --no-share-prefix --seed 2"
     assert (rec["seed"], rec["note"], rec["tuned"]) == (2, "a note", {"accuracy": 0.6})
+
+
+def test_record_runs_names_what_a_step_scale_changes_and_not_its_own_lr_and_eps():
+    """A --step-scale weight run at the lr and eps that option brings is `--step-scale weight`, and one at others
+    names them; a run from before --step-scale existed ran absolute: no flag for it."""
+    import record_runs
+
+    from zoact_edge.config import TuneConfig
+
+    weight = TuneConfig(step_scale="weight").resolved().to_dict()
+    assert record_runs.command(record_runs.options_of(weight, {})) == "zoact-edge tune --step-scale weight"
+    assert record_runs.command(record_runs.options_of({**weight, "lr": 1e-3}, {})) == (
+        "zoact-edge tune --step-scale weight --lr 0.001")
+    old = {k: v for k, v in TuneConfig().resolved().to_dict().items() if k != "step_scale"}
+    assert record_runs.command(record_runs.options_of(old, {})) == "zoact-edge tune"
 
 
 def test_record_runs_rederives_the_command_when_a_default_changes(tmp_path, monkeypatch):
@@ -486,7 +501,7 @@ def test_record_runs_names_compensation_by_what_the_run_did(bits, told, did, sho
 
     from zoact_edge.config import TuneConfig
 
-    config = {**TuneConfig().to_dict(), "bits": bits, "lr": 1e-3, "compensate": told}
+    config = {**TuneConfig().resolved().to_dict(), "bits": bits, "compensate": told}  # a run saves it resolved
     if told == "absent":
         del config["compensate"]
     summary = {"compensation": {"layers": 1, "start": {}}} if did else {}

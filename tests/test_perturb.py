@@ -330,6 +330,24 @@ def test_weight_step_scale_refuses_what_it_cannot_scale():
             TuneConfig(**{"step_scale": "weight", **bad}).validate()
 
 
+def test_weight_step_scale_brings_its_own_lr_and_eps(model_dirs, tmp_path):
+    """`--step-scale weight` alone runs at the lr and eps chosen for it (5e-3, 5e-3): the same losses as a run
+    that spells them out, saved in run_config.json; a given --lr or --eps wins; absolute keeps 1e-3 and 1e-3."""
+    from zoact_edge.config import TuneConfig
+
+    args = ["tune", "--model", str(model_dirs["llama"]), *FAST, "--steps", "3", "--step-scale", "weight"]
+    losses = {}
+    for name, extra in (("implied", []), ("spelled", ["--lr", "5e-3", "--eps", "5e-3"])):
+        assert main([*args, *extra, "--output", str(tmp_path / name)]) == 0
+        losses[name] = [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    saved = json.loads((tmp_path / "implied" / "run_config.json").read_text())
+    assert (saved["lr"], saved["eps"]) == (5e-3, 5e-3) and losses["implied"] == losses["spelled"]
+    assert (TuneConfig(step_scale="weight", lr=1e-2).resolved().lr, TuneConfig(step_scale="weight", eps=1e-2)
+            .resolved().eps) == (1e-2, 1e-2)
+    assert (TuneConfig().resolved().lr, TuneConfig().resolved().eps) == (1e-3, 1e-3)
+    assert (TuneConfig(method="mezo").resolved().lr, TuneConfig(method="mezo").resolved().eps) == (1e-6, 1e-3)
+
+
 def test_weight_step_scale_run_resumes_bit_identically(model_dirs, tmp_path):
     """The checkpoint keeps each layer's lr multiple and scaled directions: a resumed run is the uninterrupted one."""
     args = ["tune", "--model", model_dirs["llama"], *FAST, "--step-scale", "weight", "--steps", "6",

@@ -43,7 +43,7 @@ from zoact_edge.zo.schedule import make_optimizer  # noqa: E402
 def step_times(args) -> dict:
     cfg = TuneConfig(
         model=args.model, device="cpu", batch_size=args.batch_size, rank=args.rank, max_length=args.max_length
-    )
+    ).resolved()  # lr and eps: the defaults a run uses
     loaded = load_model(cfg.model, 32, device="cpu")
     model = loaded.model
     task, splits = build_task(cfg, loaded.tokenizer)

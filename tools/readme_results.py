@@ -77,6 +77,15 @@ MBEGIN, MEND = "<!-- calib:begin -->", "<!-- calib:end -->"
 ZBEGIN, ZEND = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 HBEGIN, HEND = "<!-- repro:begin -->", "<!-- repro:end -->"
 WBEGIN, WEND = "<!-- step-scale:begin -->", "<!-- step-scale:end -->"
+UBEGIN, UEND = "<!-- step-scale-pairs:begin -->", "<!-- step-scale-pairs:end -->"
+
+
+def step_scale_pairs() -> str:
+    """`--step-scale weight` beside the default command, seed by seed, in both precisions and on tweets."""
+    tables = [("Rotten Tomatoes, fp32", paired_table(32, step_scale="weight")),
+              ("Rotten Tomatoes, 4-bit", paired_table(4, step_scale="weight")),
+              ("tweets, fp32", paired_table(32, base={"task": "tweets"}, step_scale="weight"))]
+    return "\n\n".join(f"{name}:\n\n{table}" for name, table in tables)
 
 
 def _methods(recs: list[dict]) -> list[str]:
@@ -282,7 +291,8 @@ def main() -> None:
     budget, oracle, curv = _load("budget.json"), _load("diagnose_oracle.json"), _load("diagnose_curvature.json")
     blocks = {
         ROOT / "docs" / "results.md": [(BEGIN, END, runs_table()), (GBEGIN, GEND, order_table()),
-                                       (MBEGIN, MEND, paired_table(4, calib_samples=256))]
+                                       (MBEGIN, MEND, paired_table(4, calib_samples=256)),
+                                       (UBEGIN, UEND, step_scale_pairs())]
         + ([(CBEGIN, CEND, convergence_table(conv))] if conv else [])
         + ([(SBEGIN, SEND, sweep_table(sweep))] if sweep else [])
         + ([(ABEGIN, AEND, ablation_table(abl))] if abl else [])

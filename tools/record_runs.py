@@ -81,10 +81,13 @@ def compensated(summary: dict) -> bool:
 
 
 def options_of(config: dict, summary: dict) -> dict:
-    """The options of a run's config that differ from the defaults (lr: the method's own default). Whether the
-    4-bit rounding was compensated is what the run was told, else what it did (runs from before --compensate
-    existed did not), and is listed only where it differs from what the default (auto: on for --bits 4) does."""
-    defaults = replace(TuneConfig(), method=config["method"]).resolved().to_dict()
+    """The options of a run's config that differ from the defaults (lr and eps: those its --method and --step-scale
+    give). Whether the 4-bit rounding was compensated is what the run was told, else what it did (runs from before
+    --compensate existed did not), and is listed only where it differs from what the default (auto: on for --bits 4)
+    does."""
+    step_scale = config.get("step_scale", "absolute")  # runs from before --step-scale existed ran absolute
+    defaults = {**replace(TuneConfig(), method=config["method"], step_scale=step_scale).resolved().to_dict(),
+                "step_scale": TuneConfig.step_scale}
     given = {k: config[k] for k in ("bits", "backend", "method") if k in config}
     told = config.get("compensate")
     did = told if told is not None else compensated(summary)

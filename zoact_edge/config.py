@@ -34,6 +34,7 @@ def opt(default, help: str, choices=None, cli: bool = True, **extra):  # noqa: A
 # Adam on the small B tolerates 1e-3; SGD on full weights needs ~1e-6 (MeZO's range); LoRA + Adam
 # by backprop is usually run at 1e-4. Defaults only: tools/bench_convergence.py sweeps them.
 DEFAULT_LR = {"zoact": 1e-3, "subspace": 1e-3, "mezo": 1e-6, "fo-lora": 1e-4, "calibrate": None}
+DEFAULT_EPS, WEIGHT_SCALE_LR_EPS = 1e-3, (5e-3, 5e-3)  # --step-scale weight's: tools/probe_step_scale.py chose them
 
 
 @dataclass
@@ -93,8 +94,8 @@ class TuneConfig:
     step_scale: str = opt("absolute", "units of --lr and --eps per adapter: absolute (B's own, every layer alike); "
                           "weight (each layer's times the RMS of its frozen weight W, as if B were trained relative "
                           "to W: a model whose weights are rescaled without changing what it computes then trains "
-                          "the same. Give it its own --lr and --eps: 5e-3 and 5e-3 on the default model, where it "
-                          "learns about as well as absolute; docs/results.md, 'Step units')", ["absolute", "weight"])
+                          "the same. Its --lr and --eps default to 5e-3 and 5e-3, chosen on the default model, where "
+                          "it learns about as well as absolute; docs/results.md, 'Step units')", ["absolute", "weight"])
     compensate: bool | None = opt(None, "start each adapter at its layer's 4-bit rounding error inside the basis, "
                                         "B = (W - W_4bit) P, W read from the model's float safetensors (default: on "
                                         "with --bits 4 on torch; layers without one stay rounded, with a warning). "
@@ -113,8 +114,8 @@ class TuneConfig:
                                      "windows of 50 batches, at most an epoch (the same examples per window, little "
                                      "padding: 1.6x faster CPU steps); random: batches straight from the shuffle",
                            ["length", "random"], absent="random")
-    eps: float = opt(1e-3, "perturbation size epsilon (the loss must be smooth at this scale: see "
-                           "models._keep_cpu_4bit_in_fp32)")
+    eps: float | None = opt(None, "perturbation size epsilon (default 1e-3; 5e-3 with --step-scale weight. The loss "
+                                  "must be smooth at this scale: see models._keep_cpu_4bit_in_fp32)")
     queries: int = opt(1, "random directions averaged per step")
     fused: bool | None = opt(None, "evaluate each +/- pair as one forward of 2 x batch rows, sharing the frozen "
                                    "matmuls "
@@ -131,8 +132,8 @@ class TuneConfig:
     accum_steps: int = opt(1, "micro-batches of --batch-size per step, all on one direction: effective batch = "
                               "batch-size x accum-steps (x ranks under torchrun)")
     optimizer: str = opt("adam", "optimizer fed with the projected gradient", ["adam", "sgd"])
-    lr: float | None = opt(None, "learning rate (default by --method: zoact/subspace 1e-3 (Adam on B), mezo 1e-6 (SGD "
-                                 "on W), fo-lora 1e-4)")
+    lr: float | None = opt(None, "learning rate (default by --method: zoact/subspace 1e-3 (Adam on B; 5e-3 with "
+                                 "--step-scale weight), mezo 1e-6 (SGD on W), fo-lora 1e-4)")
     weight_decay: float = opt(0.0, "weight decay on the coefficients")
     momentum: float = opt(0.0, "momentum (sgd only)")
     schedule: str = opt("constant", "learning-rate schedule after warmup", ["constant", "linear", "cosine"])
@@ -157,7 +158,7 @@ class TuneConfig:
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.max_length >= 4, "--max-length must be >= 4"),
-            (math.isfinite(self.eps) and self.eps > 0, "--eps must be a finite number > 0"),
+            (self.eps is None or (math.isfinite(self.eps) and self.eps > 0), "--eps must be a finite number > 0"),
             (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr must be a finite number > 0"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              "--weight-decay must be a finite number >= 0"),
@@ -238,10 +239,10 @@ class TuneConfig:
                                 "caches")
 
     def resolved(self) -> "TuneConfig":
-        """The config with method-dependent defaults filled in (what the run really uses and saves)."""
-        if self.lr is not None:
-            return self
-        return dataclasses.replace(self, lr=DEFAULT_LR[self.method])
+        """The config as the run uses and saves it: lr by --method, lr and eps by --step-scale where not given."""
+        lr, eps = WEIGHT_SCALE_LR_EPS if self.step_scale == "weight" else (DEFAULT_LR[self.method], DEFAULT_EPS)
+        return dataclasses.replace(self, lr=lr if self.lr is None else self.lr,
+                                   eps=eps if self.eps is None else self.eps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
