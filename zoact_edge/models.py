@@ -82,7 +82,7 @@ def _file_id(path: Path) -> list:
 
 def content_digest(path: Path) -> str:
     """SHA-256 of the file's bytes, remembered in the cache under the file's path, size and mtime (hashing a
-    multi-GB GGUF takes seconds; a file that changes changes its mtime, so a remembered digest never goes stale)."""
+    multi-GB GGUF takes seconds; a rewritten file gets a new mtime, and with it a new memo)."""
     memo = cache_dir() / "digests" / _fingerprint(_file_id(path))
     if memo.is_file():
         return memo.read_text().strip()
